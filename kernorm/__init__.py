@@ -1,0 +1,30 @@
+"""kernorm: fast, numerically safe normalization layers for Keras 3 on TensorFlow."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from kernorm import ops  # noqa: E402
+from kernorm.add_norm import AddNorm  # noqa: E402
+from kernorm.batch_normalization import BatchNorm, BatchNormalization  # noqa: E402
+from kernorm.group_normalization import GroupNorm, GroupNormalization  # noqa: E402
+from kernorm.layer_normalization import LayerNorm, LayerNormalization  # noqa: E402
+from kernorm.registry import get_norm, norm_names  # noqa: E402
+from kernorm.rms_normalization import RMSNorm, RMSNormalization  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AddNorm",
+    "BatchNorm",
+    "BatchNormalization",
+    "GroupNorm",
+    "GroupNormalization",
+    "LayerNorm",
+    "LayerNormalization",
+    "RMSNorm",
+    "RMSNormalization",
+    "get_norm",
+    "norm_names",
+    "ops",
+]

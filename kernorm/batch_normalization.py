@@ -1,0 +1,310 @@
+import keras
+import tensorflow as tf
+from keras import constraints, initializers, regularizers
+
+from kernorm import ops, validation
+
+
+@keras.saving.register_keras_serializable(package="kernorm")
+class BatchNormalization(keras.layers.Layer):
+    """Batch normalization: a drop-in superset of `keras.layers.BatchNormalization`.
+
+    **In training** (`training=True` and `trainable=True`) each channel is
+    normalized with the statistics of the current batch:
+
+        outputs = gamma * (x - mean(x)) / sqrt(var(x) + epsilon) + beta
+
+    where `mean` and the biased `var` run over every axis except `axis`, and the
+    moving statistics are updated as
+
+        moving_mean = moving_mean * momentum + mean(x) * (1 - momentum)
+        moving_variance = moving_variance * momentum + var(x) * (1 - momentum)
+
+    **In inference** (`training=False`, or a layer with `trainable=False`, as in
+    Keras) the moving statistics take the place of the batch statistics.
+
+    Beyond Keras, `axis` may be a list (as in tf-keras), `virtual_batch_size`
+    gives ghost batch normalization, and a batch with no values to count (an
+    empty batch, or a mask that masks everything) leaves the moving statistics
+    exactly as they were. Statistics are computed in float32 for float16 and
+    bfloat16 inputs, and in a centred form that keeps its precision for inputs
+    with a large mean and a small spread.
+
+    Args:
+        axis: int or list of ints, the channel axis or axes (those that keep
+            their own statistics). `-1` for channels-last, `1` after a
+            `channels_first` convolution.
+        momentum: momentum of the moving averages, in [0, 1).
+        epsilon: small float >= 0 added to the variance.
+        center: if True, add the learned offset `beta`.
+        scale: if True, multiply by the learned scale `gamma`.
+        beta_initializer: initializer for `beta`.
+        gamma_initializer: initializer for `gamma`.
+        moving_mean_initializer: initializer for the moving mean.
+        moving_variance_initializer: initializer for the moving variance.
+        beta_regularizer: optional regularizer for `beta`.
+        gamma_regularizer: optional regularizer for `gamma`.
+        beta_constraint: optional constraint for `beta`.
+        gamma_constraint: optional constraint for `gamma`.
+        renorm: use Batch Renormalization, which corrects the batch statistics
+            towards moving ones during training. Inference is unchanged.
+        renorm_clipping: dict with optional keys "rmax", "rmin" and "dmax"
+            that clip the renorm corrections `r` and `d`.
+        renorm_momentum: momentum of the moving statistics that renorm uses
+            during training.
+        synchronized: if True, statistics are reduced over all replicas of a
+            `tf.distribute` strategy at each training step.
+        virtual_batch_size: if set, each consecutive sub-batch of this many
+            samples is normalized with its own statistics ("ghost batch
+            norm"); it must divide the batch size. The moving statistics are
+            updated with the average of the sub-batch statistics.
+        **kwargs: base layer arguments such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: a float tensor of any rank.
+        training: Python bool: normalize with the batch statistics (True) or the
+            moving statistics (False).
+        mask: optional tensor with the inputs' shape, or all but its last axis;
+            positions where it is False do not count towards the statistics or
+            the moving averages.
+
+    Example:
+
+    >>> layer = kernorm.BatchNormalization(momentum=0.9)
+    >>> y = layer(np.random.rand(8, 4).astype("float32"), training=True)
+
+    Reference:
+        - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+        - [Ioffe, 2017: Batch Renormalization](https://arxiv.org/abs/1702.03275).
+        - [Hoffer et al., 2017: Train longer, generalize better](https://arxiv.org/abs/1705.08741)
+          (ghost batch normalization).
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        synchronized=False,
+        virtual_batch_size=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.axis = validation.axis_argument(axis)
+        self.momentum = validation.momentum(momentum)
+        self.epsilon = validation.non_negative(epsilon, "epsilon")
+        self.center = center
+        self.scale = scale
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.renorm = renorm
+        self.renorm_clipping = _renorm_clipping(renorm_clipping) if renorm else renorm_clipping
+        self.renorm_momentum = validation.momentum(renorm_momentum, "renorm_momentum")
+        self.synchronized = synchronized
+        self.virtual_batch_size = validation.positive_int_or_none(virtual_batch_size, "virtual_batch_size")
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+
+    def build(self, input_shape):
+        ndim = len(input_shape)
+        self._axes = validation.canonical_axes(self.axis, ndim)
+        self._reduction_axes = [a for a in range(ndim) if a not in self._axes]
+        shape = validation.known_sizes(input_shape, self._axes, self)
+
+        def weight(name, initializer, regularizer=None, constraint=None, trainable=False):
+            return self.add_weight(
+                shape=shape, name=name, initializer=initializer, regularizer=regularizer,
+                constraint=constraint, trainable=trainable, autocast=False,
+            )
+
+        if self.scale:
+            self.gamma = weight("gamma", self.gamma_initializer, self.gamma_regularizer, self.gamma_constraint, True)
+        if self.center:
+            self.beta = weight("beta", self.beta_initializer, self.beta_regularizer, self.beta_constraint, True)
+        self.moving_mean = weight("moving_mean", self.moving_mean_initializer)
+        self.moving_variance = weight("moving_variance", self.moving_variance_initializer)
+        if self.renorm:
+            # Renorm tracks a moving standard deviation, as in the paper; the
+            # moving variance is derived from it.
+            def stddev_initializer(shape, dtype=None):
+                variance_initializer = initializers.get(initializers.serialize(self.moving_variance_initializer))
+                return tf.sqrt(variance_initializer(shape, dtype=dtype))
+
+            self.moving_stddev = weight("moving_stddev", stddev_initializer)
+            self.renorm_mean = weight("renorm_mean", initializers.get(initializers.serialize(self.moving_mean_initializer)))
+            self.renorm_stddev = weight("renorm_stddev", stddev_initializer)
+        self.input_spec = keras.layers.InputSpec(ndim=ndim, axes=dict(zip(self._axes, shape)))
+
+    def call(self, inputs, training=None, mask=None):
+        validation.float_inputs(inputs, self)
+        mask = validation.broadcast_mask(mask, inputs)
+        gamma, beta = self._broadcast(self.gamma), self._broadcast(self.beta)
+        if not (training and self.trainable):
+            outputs = ops.normalize(
+                inputs, self._broadcast(self.moving_mean), self._broadcast(self.moving_variance),
+                gamma, beta, self.epsilon,
+            )
+            return tf.cast(outputs, self.compute_dtype)
+        self._check_values_per_channel(inputs, mask)
+        if self.virtual_batch_size:
+            outputs, mean, variance, count = self._ghost_batch_norm(inputs, gamma, beta, mask)
+        elif self.renorm:
+            outputs, mean, variance, count = self._renorm_batch_norm(inputs, gamma, beta, mask)
+        else:
+            outputs, mean, variance, count = ops.batch_norm(
+                inputs, self._reduction_axes, gamma, beta, self.epsilon, mask, self.synchronized
+            )
+            mean, variance, count = self._per_channel(mean), self._per_channel(variance), self._per_channel(count)
+        if not self.renorm:
+            self.moving_mean.assign(ops.moving_average(self.moving_mean, mean, self.momentum, count))
+            self.moving_variance.assign(ops.moving_average(self.moving_variance, variance, self.momentum, count))
+        return tf.cast(outputs, self.compute_dtype)
+
+    def _broadcast(self, weight):
+        """A per-channel weight reshaped to broadcast against the inputs."""
+        if weight is None:
+            return None
+        shape = [1] * (len(self._reduction_axes) + len(self._axes))
+        for axis in self._axes:
+            shape[axis] = self.input_spec.axes[axis]
+        return tf.reshape(weight, shape)
+
+    def _per_channel(self, statistic):
+        """Statistics with kept dims (or a scalar count) in the weights' shape."""
+        shape = self.moving_mean.shape
+        statistic = tf.convert_to_tensor(statistic)
+        if statistic.shape.rank == 0:
+            return tf.fill(shape, statistic)
+        return tf.reshape(statistic, shape)
+
+    def _check_values_per_channel(self, inputs, mask):
+        sizes = [inputs.shape[a] for a in self._reduction_axes]
+        if mask is None and None not in sizes and len(sizes) > 0 and _product(sizes) == 1:
+            raise ValueError(
+                f"Layer '{self.name}' got one value per channel in training mode "
+                f"(inputs.shape={tuple(inputs.shape)}, `axis`={self.axis}): batch statistics of a "
+                "single value are meaningless. Use a batch of more than one sample, or training=False."
+            )
+
+    def _ghost_batch_norm(self, inputs, gamma, beta, mask):
+        size = self.virtual_batch_size
+        batch = inputs.shape[0]
+        if 0 in self._axes:
+            raise ValueError("`virtual_batch_size` needs the batch axis 0 among the reduced axes, not in `axis`.")
+        if batch is not None and batch % size:
+            raise ValueError(
+                f"`virtual_batch_size`={size} must divide the batch size; received a batch of {batch}."
+            )
+        shape = tf.shape(inputs)
+        tf.debugging.assert_equal(
+            shape[0] % size, 0, message=f"`virtual_batch_size`={size} must divide the batch size."
+        )
+        ghost_shape = tf.concat([[-1, size], shape[1:]], axis=0)
+        ghosts = tf.reshape(inputs, ghost_shape)
+        if mask is not None:
+            mask = tf.reshape(tf.broadcast_to(mask, shape), ghost_shape)
+        axes = [a + 1 for a in self._reduction_axes]
+        expand = lambda w: None if w is None else w[tf.newaxis]  # noqa: E731
+        outputs, mean, variance, count = ops.batch_norm(
+            ghosts, axes, expand(gamma), expand(beta), self.epsilon, mask, self.synchronized
+        )
+        count = tf.broadcast_to(tf.cast(count, mean.dtype), tf.shape(mean))
+        total = tf.maximum(tf.reduce_sum(count, 0), 1.0)
+        mean = tf.reduce_sum(mean * count, 0) / total
+        variance = tf.reduce_sum(variance * count, 0) / total
+        count = tf.reduce_sum(count, 0)
+        return tf.reshape(outputs, shape), *(self._per_channel(s) for s in (mean, variance, count))
+
+    def _renorm_batch_norm(self, inputs, gamma, beta, mask):
+        mean, variance, count = ops.moments(inputs, self._reduction_axes, mask, self.synchronized)
+        r, d = ops.renorm_correction(
+            mean, variance, self._broadcast(self.renorm_mean), self._broadcast(self.renorm_stddev),
+            self.epsilon, self.renorm_clipping,
+        )
+        # (normalized * r + d) * gamma + beta, folded into the affine.
+        scale = r if gamma is None else r * tf.cast(gamma, r.dtype)
+        offset = d if gamma is None else d * tf.cast(gamma, d.dtype)
+        offset = offset if beta is None else offset + tf.cast(beta, offset.dtype)
+        outputs = ops.normalize(inputs, mean, variance, scale, offset, self.epsilon)
+        mean, variance, count = self._per_channel(mean), self._per_channel(variance), self._per_channel(count)
+        stddev = tf.sqrt(variance + self.epsilon)
+        self.renorm_mean.assign(ops.moving_average(self.renorm_mean, mean, self.renorm_momentum, count))
+        self.renorm_stddev.assign(ops.moving_average(self.renorm_stddev, stddev, self.renorm_momentum, count))
+        self.moving_mean.assign(ops.moving_average(self.moving_mean, mean, self.momentum, count))
+        moving_stddev = ops.moving_average(self.moving_stddev, stddev, self.momentum, count)
+        self.moving_stddev.assign(moving_stddev)
+        # Rounding can make stddev**2 - epsilon slightly negative.
+        self.moving_variance.assign(tf.nn.relu(tf.square(moving_stddev) - self.epsilon))
+        return outputs, mean, variance, count
+
+    def compute_output_shape(self, input_shape):
+        validation.canonical_axes(self.axis, len(input_shape))
+        return input_shape
+
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
+            "synchronized": self.synchronized,
+            "virtual_batch_size": self.virtual_batch_size,
+        }
+        return {**super().get_config(), **config}
+
+
+BatchNorm = BatchNormalization
+
+
+def _product(values):
+    result = 1
+    for value in values:
+        result *= value
+    return result
+
+
+def _renorm_clipping(clipping):
+    clipping = dict(clipping or {})
+    unknown = set(clipping) - {"rmax", "rmin", "dmax"}
+    if unknown:
+        raise ValueError(
+            f"Unknown keys {sorted(unknown)} in `renorm_clipping`; expected some of 'rmax', 'rmin', 'dmax'."
+        )
+    rmin, rmax, dmax = clipping.get("rmin"), clipping.get("rmax"), clipping.get("dmax")
+    if rmin is not None and rmax is not None and rmax < rmin:
+        raise ValueError(f"`renorm_clipping` needs rmax >= rmin. Received: rmax={rmax}, rmin={rmin}")
+    if dmax is not None and dmax < 0:
+        raise ValueError(f"`renorm_clipping` needs dmax >= 0. Received: dmax={dmax}")
+    return clipping

@@ -1,0 +1,136 @@
+import numbers
+
+import keras
+from keras import constraints, initializers, regularizers
+
+from kernorm import ops, validation
+
+
+@keras.saving.register_keras_serializable(package="kernorm")
+class GroupNormalization(keras.layers.Layer):
+    """Group normalization: a drop-in superset of `keras.layers.GroupNormalization`.
+
+    The channels on `axis` are split into `groups` groups of consecutive
+    channels. Each group of each sample is normalized with its own statistics,
+    taken over the group's channels and every non-batch axis, and then scaled
+    and shifted per channel:
+
+        outputs = gamma * (x - mean_group(x)) / sqrt(var_group(x) + epsilon) + beta
+
+    `groups=1` is layer normalization over all non-batch axes with per-channel
+    weights; `groups=-1` (one channel per group) is instance normalization.
+
+    Args:
+        groups: number of groups; must divide the channels. -1 for instance norm.
+        axis: the channel axis.
+        epsilon: small float >= 0 added to the variance.
+        center: if True, add the learned offset `beta`.
+        scale: if True, multiply by the learned scale `gamma`.
+        beta_initializer: initializer for `beta`.
+        gamma_initializer: initializer for `gamma`.
+        beta_regularizer: optional regularizer for `beta`.
+        gamma_regularizer: optional regularizer for `gamma`.
+        beta_constraint: optional constraint for `beta`.
+        gamma_constraint: optional constraint for `gamma`.
+        **kwargs: base layer arguments such as `name` and `dtype`.
+
+    Call arguments:
+        inputs: a float tensor of rank >= 2, the batch on axis 0.
+
+    Example:
+
+    >>> layer = kernorm.GroupNormalization(groups=4)
+    >>> y = layer(np.random.rand(2, 8, 8, 16).astype("float32"))
+
+    Reference:
+        - [Wu and He, 2018](https://arxiv.org/abs/1803.08494).
+        - [Ulyanov et al., 2016](https://arxiv.org/abs/1607.08022) (instance norm).
+    """
+
+    def __init__(
+        self,
+        groups=32,
+        axis=-1,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or (groups < 1 and groups != -1):
+            raise ValueError(
+                f"Expected `groups` to be a positive int, or -1 for instance normalization. Received: groups={groups!r}"
+            )
+        if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
+            raise TypeError(f"Expected `axis` to be an int (the channel axis). Received: axis={axis!r}")
+        self.groups = int(groups)
+        self.axis = int(axis)
+        self.epsilon = validation.non_negative(epsilon, "epsilon")
+        self.center = center
+        self.scale = scale
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.supports_masking = True
+        self.gamma = None
+        self.beta = None
+
+    def build(self, input_shape):
+        (self._axis,) = validation.canonical_axes(self.axis, len(input_shape))
+        if self._axis == 0:
+            raise ValueError("`axis`=0 is the batch axis; GroupNormalization needs the channel axis.")
+        (channels,) = validation.known_sizes(input_shape, (self._axis,), self)
+        self._groups = channels if self.groups == -1 else self.groups
+        if channels % self._groups:
+            raise ValueError(
+                f"`groups`={self.groups} must divide the number of channels, {channels} "
+                f"(axis {self.axis} of input shape {tuple(input_shape)})."
+            )
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=(channels,), name="gamma", initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=(channels,), name="beta", initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
+            )
+        self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes={self._axis: channels})
+
+    def call(self, inputs):
+        validation.float_inputs(inputs, self)
+        outputs = ops.group_norm(inputs, self._groups, self._axis, self.gamma, self.beta, self.epsilon)
+        return keras.ops.cast(outputs, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        validation.canonical_axes(self.axis, len(input_shape))
+        return input_shape
+
+    def get_config(self):
+        config = {
+            "groups": self.groups,
+            "axis": self.axis,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+        }
+        return {**super().get_config(), **config}
+
+
+GroupNorm = GroupNormalization

@@ -1,0 +1,111 @@
+"""Argument and input checks shared by kernorm's layers.
+
+Each check raises a `ValueError` or `TypeError` that names the argument and
+what was expected, before any TensorFlow op can fail with an internal error.
+"""
+
+import numbers
+
+import tensorflow as tf
+
+
+def axis_argument(axis):
+    """Validates an `axis` constructor argument: an int or a list/tuple of ints."""
+    if isinstance(axis, bool) or not isinstance(axis, (numbers.Integral, list, tuple)):
+        raise TypeError(f"Expected `axis` to be an int or a list of ints. Received: axis={axis!r}")
+    if isinstance(axis, numbers.Integral):
+        return int(axis)
+    if not axis or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axis):
+        raise TypeError(
+            f"Expected `axis` to be an int or a non-empty list of ints. Received: axis={axis!r}"
+        )
+    return [int(a) for a in axis]
+
+
+def canonical_axes(axis, ndim, name="axis"):
+    """Turns an int or list of axes into a sorted tuple of non-negative axes of a rank-`ndim` input."""
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"`{name}`={axis!r} is out of range for an input of rank {ndim}: "
+                f"expected values in [{-ndim}, {ndim - 1}]."
+            )
+    positive = [a % ndim for a in axes]
+    if len(set(positive)) != len(positive):
+        raise ValueError(f"`{name}`={axis!r} names the same input axis twice.")
+    return tuple(sorted(positive))
+
+
+def non_negative(value, name):
+    """Checks a float argument such as `epsilon` is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Expected `{name}` to be a number. Received: {name}={value!r}")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"Expected `{name}` to be a finite number >= 0. Received: {name}={value!r}")
+    return float(value)
+
+
+def momentum(value, name="momentum"):
+    """Checks a moving-average momentum lies in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Expected `{name}` to be a number in [0, 1). Received: {name}={value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"Expected `{name}` to be in [0, 1). Received: {name}={value!r}")
+    return float(value)
+
+
+def positive_int_or_none(value, name):
+    """Checks an optional size argument such as `virtual_batch_size`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive int or None. Received: {name}={value!r}")
+    return int(value)
+
+
+def float_inputs(inputs, layer):
+    """Rejects integer, boolean and string inputs: normalization needs floats."""
+    dtype = tf.as_dtype(getattr(inputs, "dtype", tf.float32))
+    if not dtype.is_floating:
+        raise TypeError(
+            f"Layer '{layer.name}' expected floating-point `inputs` "
+            f"(float16, bfloat16, float32 or float64). Received: inputs.dtype={dtype.name}. "
+            "Cast the inputs (e.g. with keras.layers.Rescaling) before normalizing."
+        )
+
+
+def known_sizes(input_shape, axes, layer):
+    """The sizes of `axes` in `input_shape`; they must be known to create the weights."""
+    sizes = tuple(input_shape[a] for a in axes)
+    if any(size is None for size in sizes):
+        raise ValueError(
+            f"Layer '{layer.name}' needs a known size on the normalized axes {list(axes)}. "
+            f"Received: input_shape={tuple(input_shape)}"
+        )
+    return sizes
+
+
+def broadcast_mask(mask, inputs):
+    """Returns `mask` in a shape that broadcasts against `inputs`.
+
+    A mask may have the input's rank, or one less (Keras's convention: a
+    `(batch, time)` mask for `(batch, time, features)` inputs, expanded on the
+    last axis). Its known sizes must match the input's or be 1.
+    """
+    if mask is None:
+        return None
+    mask = tf.convert_to_tensor(mask)
+    input_shape, mask_shape = inputs.shape, mask.shape
+    if mask_shape.rank == input_shape.rank - 1:
+        mask = mask[..., tf.newaxis]
+        mask_shape = mask.shape
+    fits = mask_shape.rank == input_shape.rank and all(
+        m is None or i is None or m in (1, i) for m, i in zip(mask_shape, input_shape)
+    )
+    if not fits:
+        raise ValueError(
+            f"Expected `mask` with the shape of the inputs {tuple(input_shape)} or of all but "
+            f"their last axis {tuple(input_shape[:-1])}. Received: mask.shape={tuple(mask_shape)}"
+        )
+    return mask

@@ -1,0 +1,1 @@
+"""The kernorm model zoo: architectures whose normalization is a constructor argument."""
