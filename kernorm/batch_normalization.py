@@ -57,7 +57,8 @@ class BatchNormalization(keras.layers.Layer):
         virtual_batch_size: if set, each consecutive sub-batch of this many
             samples is normalized with its own statistics ("ghost batch
             norm"); it must divide the batch size. The moving statistics are
-            updated with the average of the sub-batch statistics.
+            updated with the average of the sub-batch statistics. Cannot be
+            combined with `renorm`.
         **kwargs: base layer arguments such as `name` and `dtype`.
 
     Call arguments:
@@ -121,6 +122,13 @@ class BatchNormalization(keras.layers.Layer):
         self.renorm_momentum = validation.momentum(renorm_momentum, "renorm_momentum")
         self.synchronized = synchronized
         self.virtual_batch_size = validation.positive_int_or_none(virtual_batch_size, "virtual_batch_size")
+        if self.virtual_batch_size and renorm:
+            # Ghost statistics have no single batch estimate to correct, and
+            # the renorm moving statistics would never be updated.
+            raise ValueError(
+                f"`virtual_batch_size`={self.virtual_batch_size} cannot be combined with `renorm`=True: "
+                "pass one or the other."
+            )
         self.supports_masking = True
         self.gamma = None
         self.beta = None

@@ -1,0 +1,114 @@
+"""kernorm.GroupNormalization against a float64 NumPy reference, instance norm and layer norm."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kernorm
+import numpy_reference as ref
+from modes import axis_fits, compiled, grid
+
+CHANNELS = 6
+AXES = (-1, 1)  # GroupNormalization takes one channel axis
+GRID = grid((2, 3, 4, 5), AXES, axis_fits)
+COMPILED_GRID = [(2, -1), (4, 1), (5, -1), (3, 1)]
+EPSILON = 1e-3
+TOLERANCE = 1e-5
+
+
+def _shape(rank, axis):
+    shape = [3] + [4, 3, 2, 3][: rank - 1]
+    shape[axis] = CHANNELS
+    return tuple(shape)
+
+
+def _built_layer(shape, rng, **kwargs):
+    layer = kernorm.GroupNormalization(epsilon=EPSILON, **kwargs)
+    layer.build(shape)
+    if layer.gamma is not None:
+        layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape).astype("float32"))
+    if layer.beta is not None:
+        layer.beta.assign(rng.normal(size=layer.beta.shape).astype("float32"))
+    return layer
+
+
+def _check_forward_and_gradients(shape, axis, groups, mode, rng):
+    layer = _built_layer(shape, rng, groups=groups, axis=axis)
+
+    def step(x, upstream):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs = layer(x)
+            loss = tf.reduce_sum(outputs * upstream)
+        return outputs, tape.gradient(loss, [x, layer.gamma, layer.beta])
+
+    x = rng.normal(2.0, 3.0, shape).astype("float32")
+    x += np.arange(shape[axis]).reshape([-1 if a == axis % len(shape) else 1 for a in range(len(shape))])
+    upstream = rng.normal(size=shape).astype("float32")
+    outputs, grads = compiled(step, mode)(tf.constant(x), tf.constant(upstream))
+    expected, expected_grads = ref.group_norm(
+        x, groups, axis, layer.gamma.numpy(), layer.beta.numpy(), EPSILON, upstream
+    )
+    ref.assert_close(outputs, expected, TOLERANCE, "outputs")
+    for name, actual, wanted in zip(("x", "gamma", "beta"), grads, expected_grads):
+        ref.assert_close(actual, wanted, TOLERANCE, f"d_{name}")
+
+
+@pytest.mark.parametrize("groups", [3, 1, -1])
+@pytest.mark.parametrize("rank, axis", GRID)
+def test_matches_reference_eager(rank, axis, groups, rng):
+    _check_forward_and_gradients(_shape(rank, axis), axis, groups, "eager", rng)
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+@pytest.mark.parametrize("rank, axis", COMPILED_GRID)
+def test_matches_reference_compiled(rank, axis, mode, rng):
+    _check_forward_and_gradients(_shape(rank, axis), axis, 2, mode, rng)
+
+
+def test_groups_minus_one_is_instance_norm(rng):
+    """Each channel of each sample normalized over its spatial positions."""
+    x = rng.normal(1.0, 2.0, (2, 5, 4, 3)).astype("float32")
+    layer = kernorm.GroupNormalization(groups=-1, epsilon=EPSILON)
+    mean = x.astype(np.float64).mean(axis=(1, 2), keepdims=True)
+    variance = x.astype(np.float64).var(axis=(1, 2), keepdims=True)
+    ref.assert_close(layer(x), (x - mean) / np.sqrt(variance + EPSILON), TOLERANCE)
+    ref.assert_close(layer(x), kernorm.GroupNormalization(groups=3, epsilon=EPSILON)(x), TOLERANCE)
+
+
+def test_groups_one_is_layer_norm_over_every_non_batch_axis(rng):
+    x = rng.normal(1.0, 2.0, (2, 5, 4, 3)).astype("float32")
+    group = kernorm.GroupNormalization(groups=1, epsilon=EPSILON)
+    layer = kernorm.LayerNormalization(axis=[1, 2, 3], epsilon=EPSILON)
+    ref.assert_close(group(x), layer(x), TOLERANCE)
+
+
+@pytest.mark.parametrize("groups, axis", [(3, -1), (2, 1), (-1, -1)])
+def test_matches_keras_group_normalization(groups, axis, rng):
+    shape = _shape(4, axis)
+    ours = kernorm.GroupNormalization(groups=groups, axis=axis)
+    theirs = keras.layers.GroupNormalization(groups=groups, axis=axis)
+    ours.build(shape), theirs.build(shape)
+    assert [(w.name, w.shape) for w in ours.weights] == [(w.name, w.shape) for w in theirs.weights]
+    weights = [rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in ours.weights]
+    ours.set_weights(weights), theirs.set_weights(weights)
+    x = rng.normal(1.0, 2.0, shape).astype("float32")
+    ref.assert_close(ours(x), theirs(x), 1e-4)
+
+
+def test_unknown_batch_and_spatial_sizes_in_a_function(rng):
+    layer = _built_layer((None, None, 6), rng, groups=3)
+    call = tf.function(layer, input_signature=[tf.TensorSpec((None, None, 6))])
+    for shape in [(2, 3, 6), (3, 5, 6)]:
+        x = rng.normal(size=shape).astype("float32")
+        expected, _ = ref.group_norm(x, 3, -1, layer.gamma.numpy(), layer.beta.numpy(), EPSILON)
+        ref.assert_close(call(x), expected, TOLERANCE)
+
+
+def test_samples_are_independent(rng):
+    layer = _built_layer((4, 3, 6), rng, groups=2)
+    x = rng.normal(size=(4, 3, 6)).astype("float32")
+    y = rng.normal(5.0, 9.0, (4, 3, 6)).astype("float32")
+    y[0] = x[0]
+    np.testing.assert_allclose(layer(x)[0], layer(y)[0], rtol=0, atol=1e-6)
