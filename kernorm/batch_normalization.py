@@ -224,10 +224,12 @@ class BatchNormalization(keras.layers.Layer):
                 f"`virtual_batch_size`={size} must divide the batch size; received a batch of {batch}."
             )
         shape = tf.shape(inputs)
-        tf.debugging.assert_equal(
+        divides = tf.debugging.assert_equal(
             shape[0] % size, 0, message=f"`virtual_batch_size`={size} must divide the batch size."
         )
-        ghost_shape = tf.concat([[-1, size], shape[1:]], axis=0)
+        # In a graph the check must run before the reshape, whose own error says nothing useful.
+        with tf.control_dependencies([divides] if divides is not None else []):
+            ghost_shape = tf.concat([[-1, size], shape[1:]], axis=0)
         ghosts = tf.reshape(inputs, ghost_shape)
         if mask is not None:
             mask = tf.reshape(tf.broadcast_to(mask, shape), ghost_shape)

@@ -97,6 +97,7 @@ def broadcast_mask(mask, inputs):
         return None
     mask = tf.convert_to_tensor(mask)
     input_shape, mask_shape = inputs.shape, mask.shape
+    received_shape = tuple(mask_shape)
     if mask_shape.rank == input_shape.rank - 1:
         mask = mask[..., tf.newaxis]
         mask_shape = mask.shape
@@ -106,6 +107,6 @@ def broadcast_mask(mask, inputs):
     if not fits:
         raise ValueError(
             f"Expected `mask` with the shape of the inputs {tuple(input_shape)} or of all but "
-            f"their last axis {tuple(input_shape[:-1])}. Received: mask.shape={tuple(mask_shape)}"
+            f"their last axis {tuple(input_shape[:-1])}. Received: mask.shape={received_shape}"
         )
     return mask

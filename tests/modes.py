@@ -10,9 +10,9 @@ def compiled(function, mode):
     if mode == "eager":
         return function
     if mode == "function":
-        return tf.function(function)
+        return tf.function(function, autograph=False)
     if mode == "xla":
-        return tf.function(function, jit_compile=True)
+        return tf.function(function, jit_compile=True, autograph=False)
     raise ValueError(f"unknown mode {mode!r}")
 
 
