@@ -44,7 +44,10 @@ class AddNorm(keras.layers.Layer):
     def __init__(self, sublayer, norm="layer", norm_first=False, norm_kwargs=None, **kwargs):
         super().__init__(**kwargs)
         if isinstance(sublayer, dict):
-            sublayer = keras.layers.deserialize(sublayer)
+            # Deserializing builds the sublayer; under this layer's name, its weights
+            # keep the paths they had when the sublayer was built inside `build`.
+            with keras.name_scope(self.name, caller=self):
+                sublayer = keras.layers.deserialize(sublayer)
         if not isinstance(sublayer, keras.layers.Layer):
             raise TypeError(f"Expected `sublayer` to be a keras.layers.Layer. Received: {sublayer!r}")
         if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
