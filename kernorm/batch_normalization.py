@@ -139,10 +139,13 @@ class BatchNormalization(keras.layers.Layer):
         self._reduction_axes = [a for a in range(ndim) if a not in self._axes]
         shape = validation.known_sizes(input_shape, self._axes, self)
 
+        # Weights and statistics stay in float32 (or float64) under a float16 policy:
+        # a float16 moving variance overflows for inputs beyond about 256.
         def weight(name, initializer, regularizer=None, constraint=None, trainable=False):
             return self.add_weight(
                 shape=shape, name=name, initializer=initializer, regularizer=regularizer,
                 constraint=constraint, trainable=trainable, autocast=False,
+                dtype=ops.stats_dtype(self.variable_dtype),
             )
 
         if self.scale:
@@ -246,7 +249,12 @@ class BatchNormalization(keras.layers.Layer):
         return tf.reshape(outputs, shape), *(self._per_channel(s) for s in (mean, variance, count))
 
     def _renorm_batch_norm(self, inputs, gamma, beta, mask):
-        mean, variance, count = ops.moments(inputs, self._reduction_axes, mask, self.synchronized)
+        # Normalized by ops with the batch statistics (centred so that a large
+        # mean keeps its precision), then corrected by r and d, which carry no gradient.
+        normalized, mean, variance, count = ops.batch_norm(
+            tf.cast(inputs, ops.stats_dtype(inputs.dtype)), self._reduction_axes, None, None,
+            self.epsilon, mask, self.synchronized,
+        )
         r, d = ops.renorm_correction(
             mean, variance, self._broadcast(self.renorm_mean), self._broadcast(self.renorm_stddev),
             self.epsilon, self.renorm_clipping,
@@ -255,7 +263,7 @@ class BatchNormalization(keras.layers.Layer):
         scale = r if gamma is None else r * tf.cast(gamma, r.dtype)
         offset = d if gamma is None else d * tf.cast(gamma, d.dtype)
         offset = offset if beta is None else offset + tf.cast(beta, offset.dtype)
-        outputs = ops.normalize(inputs, mean, variance, scale, offset, self.epsilon)
+        outputs = normalized * scale + offset
         mean, variance, count = self._per_channel(mean), self._per_channel(variance), self._per_channel(count)
         stddev = tf.sqrt(variance + self.epsilon)
         self.renorm_mean.assign(ops.moving_average(self.renorm_mean, mean, self.renorm_momentum, count))

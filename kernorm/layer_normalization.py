@@ -86,11 +86,13 @@ class LayerNormalization(keras.layers.Layer):
             self.gamma = self.add_weight(
                 shape=shape, name="gamma", initializer=self.gamma_initializer,
                 regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
+                dtype=ops.stats_dtype(self.variable_dtype),
             )
         if self.center:
             self.beta = self.add_weight(
                 shape=shape, name="beta", initializer=self.beta_initializer,
                 regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
+                dtype=ops.stats_dtype(self.variable_dtype),
             )
         self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes=dict(zip(self._axes, shape)))
 

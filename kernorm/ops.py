@@ -73,6 +73,23 @@ def moments(x, axes, mask=None, synchronized=False, keepdims=True):
         the number of values that contributed (per statistic with a mask). Where
         it is zero, mean and variance are zero rather than NaN.
     """
+    shift, correction, variance, count = _shifted_moments(x, axes, mask, synchronized)
+    mean = shift + correction
+    if not keepdims:
+        mean = tf.squeeze(mean, axes)
+        variance = tf.squeeze(variance, axes)
+        if mask is not None:
+            count = tf.squeeze(count, axes)
+    return mean, variance, count
+
+
+def _shifted_moments(x, axes, mask=None, synchronized=False):
+    """`moments` with kept dims and the mean split as `shift + correction`.
+
+    `shift` is a first estimate of the mean and carries no gradient. For a large
+    mean and a small spread, `x - shift - correction` keeps the spread that
+    `x - mean` loses once `mean` is rounded to float32.
+    """
     axes = list(axes)
     x = tf.cast(x, stats_dtype(x.dtype))
     reduce = _all_reduce_sum if synchronized else (lambda values: values)
@@ -91,14 +108,8 @@ def moments(x, axes, mask=None, synchronized=False, keepdims=True):
         [tf.reduce_sum(deviation, axes, keepdims=True), tf.reduce_sum(tf.square(deviation), axes, keepdims=True)]
     )
     correction = deviation_sum / safe_count
-    mean = shift + correction
     variance = tf.maximum(squares / safe_count - tf.square(correction), 0.0)
-    if not keepdims:
-        mean = tf.squeeze(mean, axes)
-        variance = tf.squeeze(variance, axes)
-        if mask is not None:
-            count = tf.squeeze(count, axes)
-    return mean, variance, count
+    return shift, correction, variance, count
 
 
 def normalize(x, mean, variance, gamma=None, beta=None, epsilon=1e-3):
@@ -162,7 +173,12 @@ def _standardize(x, axes, epsilon, centered, gamma, beta):
 
         def backward(upstream, *unused_upstreams):
             upstream = tf.cast(upstream, dtype)
-            normalized = (tf.cast(x, dtype) - mean) * rstd
+            if centered:
+                # As in the forward pass: `x - mean` with the mean rounded to
+                # float32 loses the small spread of a large-mean input.
+                normalized = (tf.cast(x, dtype) - shift - deviation_mean) * rstd
+            else:
+                normalized = tf.cast(x, dtype) * rstd
             d_normalized = upstream if scale is None else upstream * tf.cast(scale, dtype)
             projection = tf.reduce_mean(d_normalized * normalized, axes, keepdims=True)
             d_x = d_normalized - normalized * projection
@@ -217,9 +233,10 @@ def batch_norm(x, axes, gamma=None, beta=None, epsilon=1e-3, mask=None, synchron
     if mask is None and not synchronized:
         outputs, mean, variance = _standardize(x, axes, epsilon, True, gamma, beta)
         return outputs, mean, variance, _count(tf.cast(x, mean.dtype), axes)
-    mean, variance, count = moments(x, axes, mask=mask, synchronized=synchronized)
-    outputs = normalize(x, mean, variance, gamma, beta, epsilon)
-    return outputs, mean, variance, count
+    shift, correction, variance, count = _shifted_moments(x, axes, mask, synchronized)
+    centred = tf.cast(x, shift.dtype) - shift
+    outputs = tf.cast(normalize(centred, correction, variance, gamma, beta, epsilon), x.dtype)
+    return outputs, shift + correction, variance, count
 
 
 def layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-3):

@@ -56,6 +56,7 @@ class RMSNormalization(keras.layers.Layer):
         self.scale = self.add_weight(
             shape=shape, name="scale", initializer=self.scale_initializer,
             regularizer=self.scale_regularizer, constraint=self.scale_constraint, autocast=False,
+            dtype=ops.stats_dtype(self.variable_dtype),
         )
         self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes=dict(zip(self._axes, shape)))
 
