@@ -135,7 +135,7 @@ def test_exported_saved_model_serves_without_kernorm(trained_model, tmp_path, rn
     result = subprocess.run(
         [sys.executable, "-c", SERVE_WITHOUT_KERNORM, str(export_dir), str(tmp_path / "inputs.npy"),
          str(tmp_path / "outputs.npy")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     served = np.load(tmp_path / "outputs.npy")
