@@ -283,8 +283,20 @@ def test_renorm_matches_keras(clipping, mode, rng):
     ref.assert_close(ours(x, training=False), theirs(x, training=False), TOLERANCE, "inference")
 
 
-def test_renorm_corrections_change_the_training_output(rng):
-    """With renorm statistics far from the batch's, clipping bounds the correction as Keras does."""
+def test_masked_renorm_matches_keras(rng):
+    shape = (4, 6, 3)
+    mask = _padding_mask(rng, 4, 6)
+    kwargs = dict(momentum=0.8, renorm=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}, renorm_momentum=0.7)
+    ours, theirs = kernorm.BatchNormalization(**kwargs), keras.layers.BatchNormalization(**kwargs)
+    for i in range(2):
+        x = rng.normal(1.0 + i, 2.0, shape).astype("float32")
+        ref.assert_close(ours(x, training=True, mask=mask), theirs(x, training=True, mask=mask), 1e-4, f"step {i}")
+        for a, b in zip(ours.weights, theirs.weights):
+            ref.assert_close(a.numpy(), b.numpy(), 1e-5, f"{a.name}, step {i}")
+
+
+def test_renorm_clipped_to_no_correction_is_plain_batch_norm(rng):
+    """Renorm statistics far from the batch's, with r and d clipped to 1 and 0."""
     layer = kernorm.BatchNormalization(renorm=True, renorm_clipping={"rmax": 1.0, "rmin": 1.0, "dmax": 0.0})
     x = rng.normal(5.0, 3.0, (16, 2)).astype("float32")
     # r = 1 and d = 0 after clipping: plain batch norm.

@@ -142,6 +142,23 @@ def test_global_mixed_policy_in_a_model(rng):
     assert outputs.dtype == "float16" and np.all(np.isfinite(_as_float64(outputs)))
 
 
+@pytest.mark.parametrize("name", list(NORMS))
+def test_float64_policy_stays_float64(name, rng):
+    layer = _built(name, "float64", rng)
+    assert all(w.dtype == "float64" for w in layer.weights)
+    x = tf.constant(rng.normal(2.0, 3.0, SHAPE))
+    upstream = tf.constant(rng.normal(size=SHAPE))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        outputs = layer(x, training=True)
+        loss = tf.reduce_sum(outputs * upstream)
+    d_x = tape.gradient(loss, x)
+    assert outputs.dtype == tf.float64 and d_x.dtype == tf.float64
+    expected, expected_grads = NORMS[name][1](x.numpy(), [w.numpy() for w in layer.trainable_weights], upstream.numpy())
+    ref.assert_close(outputs, expected, 1e-12, "outputs")
+    ref.assert_close(d_x, expected_grads[0], 1e-12, "d_x")
+
+
 # --- large mean, small spread, in float32 ------------------------------------------
 
 LARGE_MEAN_TOLERANCE = 1e-3

@@ -12,6 +12,9 @@ import kernorm
 
 SHAPE = (6, 8)
 
+# Keras's own conversions of numpy inputs in `fit`, not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy:DeprecationWarning")
+
 LAYERS = {
     "batch": lambda: kernorm.BatchNormalization(
         axis=[1, 2], momentum=0.8, epsilon=1e-4, center=False, virtual_batch_size=2,
@@ -72,8 +75,9 @@ def every_layer_model():
     return keras.Model(inputs, keras.layers.Dense(3)(x))
 
 
-@pytest.fixture
-def trained_model(rng):
+@pytest.fixture(scope="module")
+def trained_model():
+    rng = np.random.default_rng(99)
     model = every_layer_model()
     kinds = {type(layer) for layer in model.layers}
     assert {
