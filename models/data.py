@@ -227,7 +227,7 @@ class Data:
 def load(
     name,
     data_dir=None,
-    batch_size=128,
+    batch_size=64,
     max_train_examples=None,
     augment=None,
     seed=0,

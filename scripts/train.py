@@ -102,7 +102,7 @@ def build_parser():
         default=None,
         help="TFDS data folder (default: $TFDS_DATA_DIR, else TFDS's default ~/tensorflow_datasets)",
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=128)
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.add_argument("--epochs", type=_positive_int, default=10)
     parser.add_argument(
         "--max-train-examples", type=_positive_int, default=None, help="train on the first N examples only"
