@@ -18,9 +18,37 @@ Conventions:
   spread (and XLA turns it into a fused multiply-add that loses the rest).
 - Unmasked layer, RMS, group and batch norm use a custom gradient that keeps
   only `x`, `mean` and `rstd` for the backward pass.
+
+Which path runs (the layers never see it; every path gives the reference
+numbers, see tests/test_fast_paths.py):
+
+- TensorFlow kernels, for float16/bfloat16/float32 tensors outside XLA, where
+  every op is a kernel with its own pass over memory:
+  - `layer_norm` and `rms_norm` over trailing axes (the usual `axis=-1`):
+    shifted one-pass row statistics from two single-read reductions
+    (`reduce_mean` and `reduce_euclidean_norm` of the deviations from each
+    row's first value), in-place normalization, and a gradient that keeps the
+    normalized rows and `rstd` and gets `upstream * gamma`, `d_gamma` and
+    `d_beta` from one kernel (`FusedBatchNormGradV3`) on CPU.
+  - `batch_norm` with the channels last, without a mask or synchronized
+    statistics: `FusedBatchNormV3`, statistics and normalization in one kernel
+    and one kernel for the gradient. A batch whose mean is large against its
+    spread (|mean| / std > `_LARGE_MEAN`) reruns on deviations from its first
+    sample, since a float32 mean cannot hold its centre.
+  - `normalize` with per-channel statistics and weights on the last axis (BN
+    inference, folded into one multiply-add): a frozen `FusedBatchNormV3`, in
+    the centred form, whose gradient also reaches the statistics.
+- Under XLA (`jit_compile=True`): `_standardize` in plain ops with automatic
+  differentiation, which XLA fuses better than a hand-written gradient; a
+  second reduction corrects the mean only where it is large against the
+  spread. `normalize` is plain ops (XLA fuses them into one pass).
+- Everything else (masks, synchronized statistics, channels-first batch norm,
+  group norm, other axes, float64): the generic code with `moments`,
+  `normalize` and the custom-gradient `_standardize`.
 """
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 __all__ = [
     "stats_dtype",
@@ -118,6 +146,9 @@ def normalize(x, mean, variance, gamma=None, beta=None, epsilon=1e-3):
     `mean`, `variance`, `gamma` and `beta` must broadcast against `x`. The
     arithmetic runs in `stats_dtype(x.dtype)`; the result has x's dtype.
     """
+    vectors = _frozen_path(x, mean, variance, gamma, beta, epsilon)
+    if vectors is not None:
+        return _frozen_batch_norm(x, *vectors, float(epsilon))
     dtype = stats_dtype(x.dtype)
     multiplier = tf.math.rsqrt(tf.cast(variance, dtype) + epsilon)
     if gamma is not None:
@@ -138,6 +169,8 @@ def _standardize(x, axes, epsilon, centered, gamma, beta):
     Returns `(outputs, mean, variance)`; mean and variance carry no gradient.
     """
     axes = list(axes)
+    if _in_xla_context():
+        return _compiled_standardize(x, axes, epsilon, centered, gamma, beta)
     dtype = stats_dtype(x.dtype)
     input_dtype = x.dtype
     params = [p for p in (gamma, beta) if p is not None]
@@ -199,6 +232,54 @@ def _standardize(x, axes, epsilon, centered, gamma, beta):
     return outputs, tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
+def _compiled_standardize(x, axes, epsilon, centered, gamma, beta):
+    """`_standardize` for XLA: plain ops and automatic differentiation, which XLA fuses
+    into fewer passes than the hand-written gradient.
+
+    The mean is one reduction of `x`, as in Keras. Rounded to float32 it is off
+    by about |mean| * 2**-24, which matters only where the mean is large against
+    the spread; there the mean of the deviations from it is added (a second
+    reduction, run only when needed), so `x - mean` keeps the spread.
+    """
+    dtype = stats_dtype(x.dtype)
+    values = tf.cast(x, dtype)
+    if centered:
+        mean = tf.reduce_mean(values, axes, keepdims=True)
+        centred = values - mean
+        variance = tf.reduce_mean(tf.square(centred), axes, keepdims=True)
+        large = tf.reduce_any(
+            tf.stop_gradient(tf.abs(mean) * tf.math.rsqrt(variance + epsilon)) > _LARGE_MEAN
+        )
+        # The residual has no gradient: `mean(x - mean(x))` is constant in x. The
+        # branch reads `values`, not `centred`, so that XLA need not write
+        # `centred` out for a conditional that rarely runs, and its reduction sits
+        # in a one-step loop, which keeps XLA from turning the conditional into a
+        # select that computes both branches.
+        def residual_of_values():
+            return tf.while_loop(
+                lambda step, residual: step < 1,
+                lambda step, residual: (step + 1, tf.reduce_mean(values - mean, axes, keepdims=True)),
+                (tf.constant(0), tf.zeros_like(mean)),
+                maximum_iterations=1,
+            )[1]
+
+        residual = tf.stop_gradient(tf.cond(large, residual_of_values, lambda: tf.zeros_like(mean)))
+        centred = centred - residual
+        variance = tf.maximum(variance - tf.square(residual), 0.0)
+        mean = mean + residual
+    else:
+        mean = tf.zeros([1] * x.shape.rank, dtype)
+        variance = tf.reduce_mean(tf.square(values), axes, keepdims=True)
+        centred = values
+    multiplier = tf.math.rsqrt(variance + epsilon)
+    if gamma is not None:
+        multiplier = multiplier * tf.cast(gamma, dtype)
+    outputs = centred * multiplier
+    if beta is not None:
+        outputs = outputs + tf.cast(beta, dtype)
+    return tf.cast(outputs, x.dtype), tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
 def _first_along(x, axes):
     """The first element of each group reduced over `axes` (zero for an empty group), with kept dims."""
     first = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.shape.rank))]
@@ -230,6 +311,14 @@ def batch_norm(x, axes, gamma=None, beta=None, epsilon=1e-3, mask=None, synchron
     Returns:
         `(outputs, mean, variance, count)`, statistics with kept dims.
     """
+    if mask is None and not synchronized and _channel_norm_path(x, axes):
+        channels = x.shape[-1]
+        vectors = [_channel_vector(p, channels) for p in (gamma, beta)]
+        if all(v is not None or p is None for v, p in zip(vectors, (gamma, beta))):
+            outputs, mean, variance = _fused_batch_norm(x, *vectors, float(epsilon))
+            stats_shape = [1] * (x.shape.rank - 1) + [channels]
+            mean, variance = tf.reshape(mean, stats_shape), tf.reshape(variance, stats_shape)
+            return outputs, mean, variance, _count(tf.cast(x, mean.dtype), axes)
     if mask is None and not synchronized:
         outputs, mean, variance = _standardize(x, axes, epsilon, True, gamma, beta)
         return outputs, mean, variance, _count(tf.cast(x, mean.dtype), axes)
@@ -241,6 +330,8 @@ def batch_norm(x, axes, gamma=None, beta=None, epsilon=1e-3, mask=None, synchron
 
 def layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-3):
     """Normalizes each sample over `axes`; gamma and beta have shape `[x.shape[a] for a in axes]`."""
+    if _row_norm_path(x, axes, gamma, beta):
+        return _row_norm(x, axes, gamma, beta, epsilon, centered=True)
     ndim = x.shape.rank
     gamma = _broadcast_param(gamma, ndim, axes)
     beta = _broadcast_param(beta, ndim, axes)
@@ -249,6 +340,8 @@ def layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-3):
 
 def rms_norm(x, axes, scale=None, epsilon=1e-6):
     """`x * rsqrt(mean(x**2 over axes) + epsilon) * scale`."""
+    if _row_norm_path(x, axes, scale):
+        return _row_norm(x, axes, scale, None, epsilon, centered=False)
     scale = _broadcast_param(scale, x.shape.rank, axes)
     return _standardize(x, axes, epsilon, False, scale, None)[0]
 
@@ -308,3 +401,257 @@ def renorm_correction(mean, variance, renorm_mean, renorm_stddev, epsilon, clipp
     if clipping.get("dmax") is not None:
         d = tf.clip_by_value(d, -clipping["dmax"], clipping["dmax"])
     return tf.stop_gradient(r), tf.stop_gradient(d)
+
+
+# --- TensorFlow kernel fast paths ---------------------------------------------
+#
+# Outside XLA every TF op is a kernel with its own pass over memory, so these
+# paths use as few full-size passes as they can. They return the same numbers
+# as the generic code above (see tests/test_fast_paths.py).
+
+_KERNEL_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
+
+# Above this |mean| / std, a statistic computed from a float32 mean (rounded
+# to about |mean| * 2**-24) is corrected or recomputed from deviations.
+_LARGE_MEAN = 16.0
+
+_has_gpu = None
+
+
+def _in_xla_context():
+    """Whether ops are being traced for XLA: `tf.function(jit_compile=True)` or a function inside one."""
+    if tf.executing_eagerly():
+        return False
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _cpu_only():
+    global _has_gpu
+    if _has_gpu is None:
+        _has_gpu = bool(tf.config.list_logical_devices("GPU"))
+    return not _has_gpu
+
+
+def _kernel_path(x):
+    """Whether `x` can take the TensorFlow kernel paths: a float16/bfloat16/float32 tensor outside XLA."""
+    return (
+        tf.is_tensor(x) and x.dtype in _KERNEL_DTYPES and x.shape.rank is not None and x.shape.rank >= 1
+        and not _in_xla_context()
+    )
+
+
+def _channel_vector(value, channels):
+    """`value` as a float32 vector of `channels`, or None when it does not broadcast as a
+    per-channel (last-axis) vector: every axis but the last of size 1."""
+    if value is None:
+        return None
+    shape = value.shape
+    if shape.rank is None or not shape.is_fully_defined():
+        return None
+    dims = shape.as_list()
+    if not dims or dims[-1] != channels or any(d != 1 for d in dims[:-1]):
+        return None
+    return tf.reshape(tf.cast(value, tf.float32), [channels])
+
+
+def _frozen_path(x, mean, variance, gamma, beta, epsilon):
+    """The channel vectors `(mean, variance, gamma, beta)` when `normalize` can run as one frozen
+    fused batch norm: statistics and weights per channel on the last axis. None otherwise."""
+    if not _kernel_path(x) or isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        return None
+    channels = x.shape[-1]
+    if channels is None:
+        return None
+    values = tuple(None if v is None else tf.convert_to_tensor(v) for v in (mean, variance, gamma, beta))
+    if any(v is not None and (v.shape.rank is None or v.shape.rank > x.shape.rank) for v in values):
+        return None
+    vectors = [_channel_vector(v, channels) for v in values]
+    if vectors[0] is None or vectors[1] is None:
+        return None
+    if any(vector is None and value is not None for vector, value in zip(vectors, values)):
+        return None
+    return vectors
+
+
+def _as_channels(x, channels):
+    """`x` viewed as an NHWC batch `(1, 1, rows, channels)` for the fused batch norm kernels."""
+    return tf.reshape(x, [1, 1, -1, channels])
+
+
+def _channel_affine_grad(upstream, x, scale):
+    """Gradients of `x * scale + offset` over the last axis: `(upstream * scale,
+    sum(upstream * x), sum(upstream))`, the sums over every axis but the last; on CPU
+    one kernel (a frozen fused batch norm's gradient with mean 0 and variance 1)."""
+    channels = x.shape[-1]
+    if not _cpu_only():
+        axes = list(range(x.shape.rank - 1))
+        d_x = upstream if scale is None else upstream * scale
+        return d_x, tf.reduce_sum(upstream * x, axes), tf.reduce_sum(upstream, axes)
+    zeros, ones = tf.zeros([channels], tf.float32), tf.ones([channels], tf.float32)
+    d_x, d_scale, d_offset = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=_as_channels(upstream, channels), x=_as_channels(x, channels),
+        scale=ones if scale is None else scale, reserve_space_1=zeros, reserve_space_2=ones,
+        reserve_space_3=zeros, epsilon=0.0, is_training=False,
+    )[:3]
+    return tf.reshape(d_x, tf.shape(x)), d_scale, d_offset
+
+
+def _trailing_axes(axes, rank):
+    """Whether `axes` are the last `len(axes)` axes of a rank-`rank` tensor."""
+    return sorted(a % rank for a in axes) == list(range(rank - len(axes), rank))
+
+
+def _row_norm_path(x, axes, *params):
+    """Whether layer or RMS norm over `axes` can take the row kernels."""
+    if not _kernel_path(x) or not _trailing_axes(axes, x.shape.rank):
+        return False
+    sizes = x.shape[x.shape.rank - len(axes):]
+    if not sizes.is_fully_defined() or sizes.num_elements() == 0:
+        return False
+    return all(p is None or tf.as_dtype(p.dtype) in (tf.float32, tf.float64) for p in params)
+
+
+def _row_norm(x, axes, scale, offset, epsilon, centered):
+    """Layer norm (`centered`) or RMS norm of `x` over its trailing `axes`, with the affine.
+
+    The input is viewed as rows of `depth` features. Statistics take one read for
+    the sum and one for the sum of squares (`reduce_euclidean_norm` is a single
+    kernel) of the deviations from each row's first value, a shifted form that
+    keeps a large mean's precision. Every later op works in place. The gradient
+    keeps the normalized rows and `rstd`, and gets `upstream * gamma` and the
+    weight gradients from one kernel.
+    """
+    rank = x.shape.rank
+    depth = x.shape[rank - len(axes):].num_elements()
+    shape = tf.shape(x)
+    rows = tf.reshape(x, tf.concat([shape[: rank - len(axes)], [depth]], 0)) if len(axes) > 1 else x
+    input_dtype = x.dtype
+    params = [p for p in (scale, offset) if p is not None]
+    params = [tf.reshape(tf.cast(p, tf.float32), [depth]) for p in params]
+
+    @tf.custom_gradient
+    def forward(rows, *params):
+        params = list(params)
+        gamma = params.pop(0) if scale is not None else None
+        beta = params.pop(0) if offset is not None else None
+        values = tf.cast(rows, tf.float32)
+        if centered:
+            deviation = values - values[..., :1]
+            deviation_mean = tf.reduce_mean(deviation, -1, keepdims=True)
+            norm = tf.math.reduce_euclidean_norm(deviation, -1, keepdims=True)
+            variance = tf.maximum(tf.square(norm) / depth - tf.square(deviation_mean), 0.0)
+            rstd = tf.math.rsqrt(variance + epsilon)
+            normalized = (deviation - deviation_mean) * rstd
+        else:
+            norm = tf.math.reduce_euclidean_norm(values, -1, keepdims=True)
+            rstd = tf.math.rsqrt(tf.square(norm) / depth + epsilon)
+            normalized = values * rstd
+        outputs = normalized if gamma is None else normalized * gamma
+        outputs = outputs if beta is None else tf.nn.bias_add(outputs, beta)
+
+        def backward(upstream):
+            upstream = tf.cast(upstream, tf.float32)
+            d_normalized, d_gamma, d_beta = _channel_affine_grad(upstream, normalized, gamma)
+            projection = tf.reduce_mean(d_normalized * normalized, -1, keepdims=True)
+            d_rows = d_normalized - normalized * projection
+            if centered:
+                d_rows = d_rows - tf.reduce_mean(d_normalized, -1, keepdims=True)
+            grads = [tf.cast(d_rows * rstd, input_dtype)]
+            if gamma is not None:
+                grads.append(d_gamma)
+            if beta is not None:
+                grads.append(d_beta)
+            return grads
+
+        return tf.cast(outputs, input_dtype), backward
+
+    outputs = forward(rows, *params)
+    return tf.reshape(outputs, shape) if len(axes) > 1 else outputs
+
+
+def _channel_norm_path(x, axes):
+    """Whether training batch norm over `axes` can take the fused kernel: channels last."""
+    rank = x.shape.rank
+    return (
+        _kernel_path(x) and rank >= 2 and sorted(a % rank for a in axes) == list(range(rank - 1))
+        and x.shape[-1] is not None
+    )
+
+
+def _fused_batch_norm(x, gamma, beta, epsilon):
+    """Training batch norm over every axis but the last with `FusedBatchNormV3`: statistics and
+    normalization in one kernel, and one kernel for the gradient.
+
+    The kernel centres with a float32 batch mean, which cannot hold the centre of
+    inputs whose mean is large against their spread (|mean| / std above
+    `_LARGE_MEAN`); those batches rerun on the deviations from the first
+    sample. Returns `(outputs, mean, variance)`, statistics as vectors.
+    """
+    channels = x.shape[-1]
+    values = _as_channels(x, channels)
+    scale = tf.ones([channels], tf.float32) if gamma is None else gamma
+    offset = tf.zeros([channels], tf.float32) if beta is None else beta
+    count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
+    # The kernel returns the unbiased variance; the moving statistics take the biased one.
+    bias_correction = tf.where(count > 1.0, (count - 1.0) / tf.maximum(count, 1.0), 0.0)
+
+    def fused(values):
+        outputs, mean, variance = tf.raw_ops.FusedBatchNormV3(
+            x=values, scale=scale, offset=offset, mean=tf.zeros([0]), variance=tf.zeros([0]),
+            epsilon=epsilon, is_training=True,
+        )[:3]
+        return outputs, mean, variance * bias_correction
+
+    outputs, mean, variance = fused(values)
+    imprecise = tf.reduce_any(tf.abs(mean) * tf.math.rsqrt(variance + epsilon) > _LARGE_MEAN)
+
+    def shifted():
+        values32 = tf.cast(values, tf.float32)
+        shift = tf.stop_gradient(values32[:, :, :1, :])
+        shifted_outputs, shifted_mean, shifted_variance = fused(values32 - shift)
+        shifted_outputs = tf.cast(shifted_outputs, values.dtype)
+        return shifted_outputs, shifted_mean + tf.reduce_sum(shift, [0, 1, 2]), shifted_variance
+
+    outputs, mean, variance = tf.cond(imprecise, shifted, lambda: (outputs, mean, variance))
+    return tf.reshape(outputs, tf.shape(x)), tf.stop_gradient(mean), tf.stop_gradient(variance)
+
+
+def _frozen_batch_norm(x, mean, variance, scale, offset, epsilon):
+    """`(x - mean) * rsqrt(variance + epsilon) * scale + offset` over the last axis in one kernel,
+    the centred form; the gradient also reaches `mean` and `variance`, which may be batch
+    statistics. Arguments are float32 channel vectors or None."""
+    channels = x.shape[-1]
+    input_dtype = x.dtype
+    params = [p for p in (scale, offset) if p is not None]
+
+    @tf.custom_gradient
+    def forward(x, mean, variance, *params):
+        params = list(params)
+        gamma = params.pop(0) if scale is not None else tf.ones([channels], tf.float32)
+        beta = params.pop(0) if offset is not None else tf.zeros([channels], tf.float32)
+        outputs = tf.raw_ops.FusedBatchNormV3(
+            x=_as_channels(x, channels), scale=gamma, offset=beta, mean=mean, variance=variance,
+            epsilon=epsilon, is_training=False,
+        )[0]
+
+        def backward(upstream):
+            d_x, d_scale, d_offset = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=_as_channels(tf.cast(upstream, input_dtype), channels), x=_as_channels(x, channels),
+                scale=gamma, reserve_space_1=mean, reserve_space_2=variance,
+                reserve_space_3=tf.zeros([0]), epsilon=epsilon, is_training=False,
+            )[:3]
+            rstd = tf.math.rsqrt(variance + epsilon)
+            grads = [
+                tf.reshape(d_x, tf.shape(x)),
+                -d_offset * gamma * rstd,
+                -0.5 * d_scale * gamma * tf.square(rstd),
+            ]
+            if scale is not None:
+                grads.append(d_scale)
+            if offset is not None:
+                grads.append(d_offset)
+            return grads
+
+        return tf.reshape(outputs, tf.shape(x)), backward
+
+    return forward(x, mean, variance, *params)
