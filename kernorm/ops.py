@@ -25,9 +25,9 @@ numbers, see tests/test_fast_paths.py):
 - TensorFlow kernels, for float16/bfloat16/float32 tensors outside XLA, where
   every op is a kernel with its own pass over memory:
   - `layer_norm` and `rms_norm` over trailing axes (the usual `axis=-1`):
-    shifted one-pass row statistics from two single-read reductions
-    (`reduce_mean` and `reduce_euclidean_norm` of the deviations from each
-    row's first value), in-place normalization, and a gradient that keeps the
+    shifted one-pass row statistics from single-read reductions (the row mean,
+    then `reduce_mean` and `reduce_euclidean_norm` of the deviations from it),
+    in-place normalization, and a gradient that keeps the
     normalized rows and `rstd` and gets `upstream * gamma`, `d_gamma` and
     `d_beta` from one kernel (`FusedBatchNormGradV3`) on CPU.
   - `batch_norm` with the channels last, without a mask or synchronized
@@ -514,10 +514,10 @@ def _row_norm_path(x, axes, *params):
 def _row_norm(x, axes, scale, offset, epsilon, centered):
     """Layer norm (`centered`) or RMS norm of `x` over its trailing `axes`, with the affine.
 
-    The input is viewed as rows of `depth` features. Statistics take one read for
-    the sum and one for the sum of squares (`reduce_euclidean_norm` is a single
-    kernel) of the deviations from each row's first value, a shifted form that
-    keeps a large mean's precision. Every later op works in place. The gradient
+    The input is viewed as rows of `depth` features. Statistics take single-read
+    reductions: the row mean, then the sum and the sum of squares
+    (`reduce_euclidean_norm` is one kernel) of the deviations from it, a shifted
+    form that keeps a large mean's precision. Every later op works in place. The gradient
     keeps the normalized rows and `rstd`, and gets `upstream * gamma` and the
     weight gradients from one kernel.
     """
@@ -536,7 +536,10 @@ def _row_norm(x, axes, scale, offset, epsilon, centered):
         beta = params.pop(0) if offset is not None else None
         values = tf.cast(rows, tf.float32)
         if centered:
-            deviation = values - values[..., :1]
+            # Deviations from the rounded row mean are nearly centred, so their
+            # one-pass variance cannot cancel (a shift by one value of the row
+            # would, for an outlier); their mean restores what the rounding lost.
+            deviation = values - tf.reduce_mean(values, -1, keepdims=True)
             deviation_mean = tf.reduce_mean(deviation, -1, keepdims=True)
             norm = tf.math.reduce_euclidean_norm(deviation, -1, keepdims=True)
             variance = tf.maximum(tf.square(norm) / depth - tf.square(deviation_mean), 0.0)
