@@ -187,7 +187,7 @@ def main(argv=None, callbacks=()):
         except (datalib.UnknownDatasetError, datalib.DatasetMissingError) as error:
             parser.error(str(error))
         train_model, serving_model, from_logits = _build_models(parser, args, data)
-        _start_run_folder(parser, run, args)
+        _start_run_folder(run, args)
         return _train(args, run, data, train_model, serving_model, from_logits, callbacks, started)
     finally:
         keras.config.set_dtype_policy(policy)
@@ -217,7 +217,7 @@ def _check_run_folder(parser, run, args):
             parser.error(f"--resume: {run} was started with other arguments: {'; '.join(changed)}")
 
 
-def _start_run_folder(parser, run, args):
+def _start_run_folder(run, args):
     if run.exists() and args.overwrite:
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)

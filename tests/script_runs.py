@@ -8,14 +8,19 @@ test_train.py and test_predict.py.
 import contextlib
 import importlib.util
 import io
+import json
 import pathlib
+import subprocess
 import sys
+import sysconfig
+import venv
 
 import pytest
 import tensorflow_datasets as tfds
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
+PREDICT = SCRIPTS / "predict.py"
 MOCK_EXAMPLES = 48
 
 IMAGE_ARGS = ["--model", "convnet", "--norm", "batch", "--dataset", "fashion_mnist", "--epochs", "2", "--batch-size", "16"]
@@ -84,3 +89,45 @@ def image_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def text_run(tmp_path_factory):
     return trained_run("text", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def python_without_kernorm(tmp_path_factory):
+    """A Python whose environment has TensorFlow but not kernorm.
+
+    A real virtual environment, made with `venv` and no packages of its own. A
+    .pth line adds one folder to its path: links to every entry of this
+    environment's site-packages except kernorm's (the package, its metadata and
+    an editable install's .pth and finder). So TensorFlow and NumPy import as
+    here, kernorm does not, whether it is installed editable or not. The fixture
+    checks that `import kernorm` fails there before any test trusts it. Scripts
+    run with a temporary working directory, so the repository's own kernorm/
+    folder is out of reach too.
+    """
+    root = tmp_path_factory.mktemp("venv-without-kernorm")
+    venv.EnvBuilder(with_pip=False, clear=True).create(root)
+    python = root / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    mirror = root / "parent-site-packages"
+    mirror.mkdir()
+    for folder in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}:
+        for entry in pathlib.Path(folder).iterdir():
+            if "kernorm" not in entry.name.lower() and not (mirror / entry.name).exists():
+                (mirror / entry.name).symlink_to(entry)
+    pathlib.Path(site, "parent-site-packages.pth").write_text(f"{mirror}\n")
+    probe = subprocess.run(
+        [python, "-c", "import kernorm"], capture_output=True, text=True, cwd=root, timeout=60
+    )
+    assert probe.returncode != 0 and "No module named 'kernorm'" in probe.stderr, "kernorm must not be importable"
+    return python
+
+
+def serve(python, saved_model, body, cwd, *args):
+    """scripts/predict.py in its own process with `python`, fed `body` as JSON on standard input."""
+    return subprocess.run(
+        [python, str(PREDICT), str(saved_model), *args],
+        input=json.dumps(body), capture_output=True, text=True, cwd=cwd, timeout=300,
+    )  # fmt: skip

@@ -1,13 +1,6 @@
 """scripts/predict.py: TF Serving JSON in and out, served without kernorm; saved_model_cli and TFLite on the export.
 
-"Without kernorm" is a real virtual environment made for the test: `venv` with no
-packages of its own, plus a .pth line naming this environment's site-packages, so
-TensorFlow and NumPy import from there. kernorm is installed here in editable
-mode, and that install works through .pth files in site-packages; Python only
-runs .pth files in its own site folders, not in folders a .pth line adds, so in
-the new environment `import kernorm` fails. The test checks that it does before
-trusting the result. Scripts run with a temporary folder as the working
-directory, so the repository's kernorm/ is not importable by accident either.
+Where kernorm is not installed: see `script_runs.python_without_kernorm`.
 """
 
 import base64
@@ -15,45 +8,17 @@ import json
 import pathlib
 import subprocess
 import sys
-import sysconfig
-import venv
 import warnings
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from script_runs import REPO, image_run, run_main, text_run  # noqa: F401
+from script_runs import PREDICT, image_run, python_without_kernorm, run_main, serve, text_run  # noqa: F401
 
 import kernorm  # noqa: F401  (registers the layers that model.keras names)
 
-PREDICT = REPO / "scripts" / "predict.py"
 SENTENCES = ["a gripping , funny film", "dull", "", "the plot goes nowhere and the acting is worse"]
-
-
-@pytest.fixture(scope="session")
-def python_without_kernorm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("venv-without-kernorm")
-    venv.EnvBuilder(with_pip=False, clear=True).create(root)
-    python = root / "bin" / "python"
-    site = subprocess.run(
-        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    parent = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    pathlib.Path(site, "parent-site-packages.pth").write_text("\n".join(parent) + "\n")
-    probe = subprocess.run(
-        [python, "-c", "import kernorm"], capture_output=True, text=True, cwd=root, timeout=60
-    )
-    assert probe.returncode != 0 and "No module named 'kernorm'" in probe.stderr, "kernorm must not be importable"
-    return python
-
-
-def _serve(python, saved_model, body, cwd, *args):
-    return subprocess.run(
-        [python, str(PREDICT), str(saved_model), *args],
-        input=json.dumps(body), capture_output=True, text=True, cwd=cwd, timeout=300,
-    )  # fmt: skip
 
 
 def _images(count, seed=0):
@@ -62,7 +27,7 @@ def _images(count, seed=0):
 
 def test_image_predictions_without_kernorm_equal_model_predict(image_run, python_without_kernorm, tmp_path):
     images = _images(4)
-    result = _serve(python_without_kernorm, image_run / "saved_model", {"instances": images.tolist()}, tmp_path)
+    result = serve(python_without_kernorm, image_run / "saved_model", {"instances": images.tolist()}, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = np.array(json.loads(result.stdout)["predictions"])
     expected = keras.saving.load_model(image_run / "model.keras").predict(images, verbose=0)
@@ -71,7 +36,7 @@ def test_image_predictions_without_kernorm_equal_model_predict(image_run, python
 
 
 def test_text_predictions_without_kernorm_equal_model_predict(text_run, python_without_kernorm, tmp_path):
-    result = _serve(python_without_kernorm, text_run / "saved_model", {"instances": SENTENCES}, tmp_path)
+    result = serve(python_without_kernorm, text_run / "saved_model", {"instances": SENTENCES}, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = np.array(json.loads(result.stdout)["predictions"])
     expected = keras.saving.load_model(text_run / "model.keras").predict(tf.constant(SENTENCES), verbose=0)
@@ -81,7 +46,7 @@ def test_text_predictions_without_kernorm_equal_model_predict(text_run, python_w
 
 def test_a_bad_request_is_one_line_without_a_traceback(image_run, python_without_kernorm, tmp_path):
     body = {"instances": _images(2)[..., 0].tolist()}  # (2, 28, 28): the channel axis is missing
-    result = _serve(python_without_kernorm, image_run / "saved_model", body, tmp_path)
+    result = serve(python_without_kernorm, image_run / "saved_model", body, tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

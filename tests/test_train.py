@@ -14,7 +14,17 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import real_data_dir
-from script_runs import IMAGE_ARGS, REPO, image_run, load_script, run_main, text_run, train_mock  # noqa: F401
+from script_runs import (  # noqa: F401
+    IMAGE_ARGS,
+    REPO,
+    image_run,
+    load_script,
+    python_without_kernorm,
+    run_main,
+    serve,
+    text_run,
+    train_mock,
+)
 
 METRIC_KEYS = {
     "train_loss",
@@ -156,6 +166,16 @@ def test_bad_norm_kwargs_exit_2_before_any_folder(tmp_path):
     assert not out.exists()
 
 
+def test_a_model_for_another_kind_of_data_exits_2(tmp_path):
+    out = tmp_path / "run"
+    with tfds.testing.mock_data(num_examples=8):
+        status, _, err = run_main(
+            "train", ["--model", "transformer_tiny", "--dataset", "mnist", "--epochs", "1", "--out", str(out)]
+        )
+    assert status == 2 and "transformer_tiny" in err and "image dataset mnist" in err
+    assert not out.exists()
+
+
 def test_missing_dataset_names_the_folder_and_tfds_data_dir(tmp_path):
     data_dir, out = tmp_path / "empty", tmp_path / "run"
     data_dir.mkdir()
@@ -283,13 +303,20 @@ def test_real_fashion_mnist_convnet_batch_norm_one_epoch(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_sst2_transformer_tiny_layer_norm(tmp_path):
+def test_real_sst2_transformer_tiny_layer_norm(tmp_path, python_without_kernorm):
     data_dir = real_data_dir("glue/sst2")
     metrics = _train_real(
         tmp_path,
         data_dir,
-        ["--model", "transformer_tiny", "--norm", "layer", "--dataset", "glue/sst2", "--epochs", "2"],
+        ["--model", "transformer_tiny", "--norm", "layer", "--dataset", "glue/sst2", "--epochs", "1", "--batch-size", "128"],
     )
     assert metrics["validation_split"] == "validation" and metrics["validation_examples"] == 872
-    assert metrics["epochs_completed"] <= 3
     assert metrics["val_accuracy"] >= 0.75
+
+    # The export serves raw validation sentences without kernorm, as model.predict does.
+    builder = tfds.builder("glue/sst2", data_dir=data_dir)
+    sentences = [example["sentence"].decode() for example in tfds.as_numpy(builder.as_dataset(split="validation").take(16))]
+    result = serve(python_without_kernorm, tmp_path / "run" / "saved_model", {"instances": sentences}, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = keras.saving.load_model(tmp_path / "run" / "model.keras").predict(tf.constant(sentences), verbose=0)
+    np.testing.assert_allclose(json.loads(result.stdout)["predictions"], expected, atol=1e-5, rtol=0)
