@@ -1,1 +1,50 @@
-"""The kernorm model zoo: architectures whose normalization is a constructor argument."""
+"""The kernorm model zoo: architectures whose normalization is a constructor argument.
+
+    from kernorm import models
+    model = models.resnet(20, (32, 32, 3), 10, norm="group")
+    model = models.get("vit_tiny", input_shape=(32, 32, 3), num_classes=10, norm="batch")
+
+Every builder returns a functional `keras.Model` and takes `norm=` (a name from
+`kernorm.norm_names()`, a Layer class, a callable returning a layer, a Keras
+config dict, or None) and `norm_kwargs=`. `kernorm.models.norms` says what each
+name normalizes over in CNNs, MLPs and Transformers.
+"""
+
+from .cnn import convnet, mlp
+from .norms import TokenGroupNormalization
+from .registry import get, names
+from .resnet import ChannelPadShortcut, resnet
+from .transformer import (
+    ClassToken,
+    FeedForward,
+    MaskedGlobalAveragePooling1D,
+    PaddingMask,
+    PatchEmbedding,
+    PositionEmbedding,
+    SelectToken,
+    SelfAttention,
+    TransformerEncoderBlock,
+    transformer_classifier,
+    vit,
+)
+
+__all__ = [
+    "ChannelPadShortcut",
+    "ClassToken",
+    "FeedForward",
+    "MaskedGlobalAveragePooling1D",
+    "PaddingMask",
+    "PatchEmbedding",
+    "PositionEmbedding",
+    "SelectToken",
+    "SelfAttention",
+    "TokenGroupNormalization",
+    "TransformerEncoderBlock",
+    "convnet",
+    "get",
+    "mlp",
+    "names",
+    "resnet",
+    "transformer_classifier",
+    "vit",
+]
