@@ -99,7 +99,7 @@ def layer_function(layer, x, upstream, phase, backward, jit_compile):
 def sync(outputs):
     """Waits for `outputs` (a no-op on CPU, where a tf.function call returns when it is done)."""
     for t in tf.nest.flatten(outputs):
-        if t is not None and t.device and "GPU" in t.device.upper():
+        if tf.is_tensor(t) and "GPU" in (t.device or "").upper():
             tf.test.experimental.sync_devices()
             return
 
@@ -166,6 +166,11 @@ def model_function(name, norm, batch_size, jit_compile, rng):
         model = models.get(name, vocab_size=20000, sequence_length=128, num_classes=2, norm=norm)
         x = rng.integers(1, 20000, (batch_size, 128))
         y = rng.integers(0, 2, (batch_size,))
+    expected = kernorm if isinstance(norm, str) else keras
+    norms = [layer for layer in model._flatten_layers() if "Normalization" in type(layer).__name__]
+    wrong = [type(layer) for layer in norms if not type(layer).__module__.startswith(expected.__name__)]
+    if not norms or wrong:
+        raise RuntimeError(f"{name} with norm={norm!r} holds the wrong norm layers: {wrong or 'none'}")
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -244,15 +249,27 @@ def machine():
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "date": datetime.date.today().isoformat(),
+        "load_average": _load_average(),
     }
+
+
+def _load_average():
+    """The 1-minute load average, a sign of other work sharing the cores (None where unknown)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def markdown(rows, info, args):
     command = "python scripts/bench.py" + (" --quick" if args.quick else "")
     device = f"{info['cores']} CPU cores ({info['cpu']})" + (f", {len(info['gpus'])} GPU" if info["gpus"] else "")
+    load = info.get("load_average_end", info["load_average"])
+    busy = "" if load is None else f" (load average {info['load_average']} at the start, {load} at the end)"
     lines = [
-        f"Measured {info['date']} on {device}, TensorFlow {info['tensorflow']}, Keras {info['keras']}, "
-        f"float32, by `{command}`; medians over {args.calls} calls after {args.warmup} warm-up calls.",
+        f"Measured {info['date']} on {device}{busy}, TensorFlow {info['tensorflow']}, Keras {info['keras']}, "
+        f"float32, by `{command}`; medians over {args.calls} calls after {args.warmup} warm-up calls "
+        f"({args.model_calls} training steps for the models).",
         "",
         TABLE_HEADER,
         *(format_row(row) for row in rows),
@@ -274,7 +291,7 @@ def parse_args(argv=None):
     parser.add_argument("--json", metavar="PATH", help="write the rows (and the machine) as JSON to PATH")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the table in README.md")
     parser.add_argument("--calls", type=int, help="timed calls per function (default 20; 5 with --quick)")
-    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3; 2 with --quick)")
+    parser.add_argument("--warmup", type=int, help="untimed calls first (default 3; 2 with --quick and for models)")
     parser.add_argument("--model-calls", type=int, help="timed training steps (default 20; 3 with --quick)")
     parser.add_argument("--no-layers", action="store_true", help="skip the layer cases")
     parser.add_argument("--no-models", action="store_true", help="skip the end-to-end training steps")
@@ -303,8 +320,9 @@ def main(argv=None):
         rows += layer_rows(cases, args.calls, args.warmup, modes, log)
     if not args.no_models:
         cases = MODEL_CASES[:1] if args.quick else MODEL_CASES
-        rows += model_rows(cases, args.model_calls, args.warmup, modes, log)
+        rows += model_rows(cases, args.model_calls, min(args.warmup, 2), modes, log)
     elapsed = time.perf_counter() - start
+    info["load_average_end"] = _load_average()
     log(f"done in {elapsed:.0f} s")
     if args.json:
         payload = {"machine": info, "calls": args.calls, "warmup": args.warmup, "quick": args.quick,
