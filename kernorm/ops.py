@@ -311,7 +311,7 @@ def batch_norm(x, axes, gamma=None, beta=None, epsilon=1e-3, mask=None, synchron
     Returns:
         `(outputs, mean, variance, count)`, statistics with kept dims.
     """
-    if mask is None and not synchronized and _channel_norm_path(x, axes):
+    if mask is None and not synchronized and _channel_norm_path(x, axes, epsilon):
         channels = x.shape[-1]
         vectors = [_channel_vector(p, channels) for p in (gamma, beta)]
         if all(v is not None or p is None for v, p in zip(vectors, (gamma, beta))):
@@ -457,7 +457,7 @@ def _channel_vector(value, channels):
 def _frozen_path(x, mean, variance, gamma, beta, epsilon):
     """The channel vectors `(mean, variance, gamma, beta)` when `normalize` can run as one frozen
     fused batch norm: statistics and weights per channel on the last axis. None otherwise."""
-    if not _kernel_path(x) or isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+    if not _kernel_path(x) or not _kernel_epsilon(epsilon):
         return None
     channels = x.shape[-1]
     if channels is None:
@@ -572,12 +572,20 @@ def _row_norm(x, axes, scale, offset, epsilon, centered):
     return tf.reshape(outputs, shape) if len(axes) > 1 else outputs
 
 
-def _channel_norm_path(x, axes):
+def _kernel_epsilon(epsilon):
+    """Whether the fused batch norm kernels take `epsilon` as given: a Python number, and on GPU
+    one cuDNN accepts (it rejects or raises anything below 1e-5)."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        return False
+    return _cpu_only() or epsilon >= 1.001e-5
+
+
+def _channel_norm_path(x, axes, epsilon):
     """Whether training batch norm over `axes` can take the fused kernel: channels last."""
     rank = x.shape.rank
     return (
-        _kernel_path(x) and rank >= 2 and sorted(a % rank for a in axes) == list(range(rank - 1))
-        and x.shape[-1] is not None
+        _kernel_path(x) and _kernel_epsilon(epsilon) and rank >= 2
+        and sorted(a % rank for a in axes) == list(range(rank - 1)) and x.shape[-1] is not None
     )
 
 
