@@ -1,3 +1,5 @@
+import copy
+
 import keras
 
 from kernorm.registry import get_norm
@@ -80,11 +82,21 @@ class AddNorm(keras.layers.Layer):
     def get_config(self):
         config = {
             "sublayer": keras.layers.serialize(self.sublayer),
-            "norm": self.norm,
+            "norm": _serializable_norm(self.norm, self.norm_layer),
             "norm_first": self.norm_first,
             "norm_kwargs": self.norm_kwargs,
         }
         return {**super().get_config(), **config}
+
+
+def _serializable_norm(norm, norm_layer):
+    """`norm` as JSON: a name, None or a config dict as given; a class or a callable
+    as the config of the layer it built, without its build state (`build` builds it)."""
+    if norm is None or isinstance(norm, (str, dict)):
+        return norm
+    config = copy.deepcopy(keras.layers.serialize(norm_layer))
+    config.pop("build_config", None)
+    return config
 
 
 def _takes_mask(layer):

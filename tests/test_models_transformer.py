@@ -331,6 +331,25 @@ def test_every_norm_form(build, norm, norm_kwargs, kind, attribute, value, rng, 
     np.testing.assert_allclose(loaded(inputs, training=False), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "norm", [kernorm.RMSNormalization, functools.partial(kernorm.BatchNormalization, momentum=0.5)],
+    ids=["class", "partial"],
+)
+def test_add_norm_with_a_class_or_partial_saves(norm, rng, tmp_path):
+    """`kernorm.AddNorm` itself, as the blocks use it, with a norm that is not JSON."""
+    inputs = keras.Input((4, 8))
+    model = keras.Model(inputs, kernorm.AddNorm(keras.layers.Dense(8), norm=norm, norm_kwargs={"epsilon": 0.01})(inputs))
+    x = rng.normal(size=(3, 4, 8)).astype("float32")
+    model(x, training=True)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    norm_layer = loaded.layers[-1].norm_layer
+    assert type(norm_layer) is type(model.layers[-1].norm_layer)
+    assert norm_layer.epsilon == 0.01
+    np.testing.assert_allclose(loaded(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("build", [_text_model, _vit_model], ids=["text", "vit"])
 def test_unknown_norm_lists_the_known_ones(build):
     with pytest.raises(ValueError, match="Unknown norm 'weight'.*batch, layer, rms, group, instance, none"):
@@ -344,6 +363,16 @@ def test_text_model_takes_any_length_up_to_sequence_length(rng):
     assert model(_tokens(rng, length=3, min_length=1)).shape == (8, NUM_CLASSES)
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError)):
         model(_tokens(rng, length=LENGTH + 1))
+
+
+def test_positional_arguments_follow_the_documented_signatures():
+    text = models.transformer_classifier(VOCAB, LENGTH, NUM_CLASSES, 16, 2, 3, 24, 0.25, "rms", True)
+    block = text.get_layer("block3")
+    assert (block.num_heads, block.ff_dim, block.dropout, block.norm, block.norm_first) == (2, 24, 0.25, "rms", True)
+    image = models.vit(8, 4, NUM_CLASSES, 1, 16, 2, 3, 24, "batch", False)
+    block = image.get_layer("block3")
+    assert (block.num_heads, block.ff_dim, block.norm, block.norm_first) == (2, 24, "batch", False)
+    assert image.input.shape == (None, 8, 8, 1)
 
 
 def test_vit_accepts_input_shape():
