@@ -514,9 +514,9 @@ def vit(
     num_heads=3,
     num_layers=12,
     ff_dim=768,
-    dropout=0.0,
     norm="layer",
     norm_first=True,
+    dropout=0.0,
     norm_kwargs=None,
     activation="gelu",
     classifier_activation=None,
@@ -540,14 +540,14 @@ def vit(
         num_heads: attention heads; must divide `d_model`.
         num_layers: number of encoder blocks.
         ff_dim: width of the feed-forward hidden layer.
-        dropout: dropout rate on the embeddings, the attention probabilities
-            and the sublayer outputs.
         norm: a name from `kernorm.norm_names()` (see `kernorm.models.norms`),
             a Layer class, a callable returning a layer, a Keras config dict,
             or None. "layer" normalizes each token over its features; "batch"
             each feature over the (batch, token) positions.
         norm_first: pre-norm blocks and a final norm (True, as in ViT), or
             post-norm blocks (False).
+        dropout: dropout rate on the embeddings, the attention probabilities
+            and the sublayer outputs.
         norm_kwargs: dict of extra arguments for every norm.
         activation: the feed-forward activation.
         classifier_activation: activation of the head; None gives logits.

@@ -59,6 +59,14 @@ def test_convnet_structure():
     assert model.name == "small"
 
 
+def test_positional_arguments_follow_the_documented_signatures():
+    model = models.mlp((6,), 3, (8, 4), "layer", 0.5)
+    assert [type(model.get_layer(f"norm{i}")) for i in (1, 2)] == [kernorm.LayerNormalization] * 2
+    assert model.get_layer("dropout1").rate == 0.5
+    model = models.convnet((8, 8, 1), 3, (4, 8), "instance")
+    assert model.get_layer("norm2").groups == -1 and model.get_layer("conv2").filters == 8
+
+
 @pytest.mark.parametrize("builder", [models.mlp, models.convnet])
 def test_no_norm_keeps_the_bias(builder):
     model = builder((8, 8, 3), 4, norm=None)
