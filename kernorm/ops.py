@@ -48,7 +48,11 @@ numbers, see tests/test_fast_paths.py):
 """
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util
+
+try:  # tells whether ops are being traced for XLA; without it, the kernel paths are not taken in tf.function
+    from tensorflow.python.ops import control_flow_util
+except ImportError:  # pragma: no cover
+    control_flow_util = None
 
 __all__ = [
     "stats_dtype",
@@ -422,6 +426,8 @@ def _in_xla_context():
     """Whether ops are being traced for XLA: `tf.function(jit_compile=True)` or a function inside one."""
     if tf.executing_eagerly():
         return False
+    if control_flow_util is None:  # pragma: no cover
+        return True
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
@@ -555,7 +561,8 @@ def _row_norm(x, axes, scale, offset, epsilon, centered):
         def backward(upstream):
             upstream = tf.cast(upstream, tf.float32)
             d_normalized, d_gamma, d_beta = _channel_affine_grad(upstream, normalized, gamma)
-            projection = tf.reduce_mean(d_normalized * normalized, -1, keepdims=True)
+            # A row-wise dot product: one read of each, no product tensor.
+            projection = tf.expand_dims(tf.einsum("...d,...d->...", d_normalized, normalized), -1) / depth
             d_rows = d_normalized - normalized * projection
             if centered:
                 d_rows = d_rows - tf.reduce_mean(d_normalized, -1, keepdims=True)
@@ -603,15 +610,16 @@ def _fused_batch_norm(x, gamma, beta, epsilon):
     scale = tf.ones([channels], tf.float32) if gamma is None else gamma
     offset = tf.zeros([channels], tf.float32) if beta is None else beta
     count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
-    # The kernel returns the unbiased variance; the moving statistics take the biased one.
-    bias_correction = tf.where(count > 1.0, (count - 1.0) / tf.maximum(count, 1.0), 0.0)
 
     def fused(values):
         outputs, mean, variance = tf.raw_ops.FusedBatchNormV3(
             x=values, scale=scale, offset=offset, mean=tf.zeros([0]), variance=tf.zeros([0]),
             epsilon=epsilon, is_training=True,
         )[:3]
-        return outputs, mean, variance * bias_correction
+        # The kernel returns the unbiased variance (not finite for a single value);
+        # the moving statistics take the biased one.
+        biased = variance * ((count - 1.0) / tf.maximum(count, 1.0))
+        return outputs, mean, tf.where(count > 1.0, biased, tf.zeros_like(variance))
 
     outputs, mean, variance = fused(values)
     imprecise = tf.reduce_any(tf.abs(mean) * tf.math.rsqrt(variance + epsilon) > _LARGE_MEAN)
