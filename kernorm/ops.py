@@ -189,9 +189,10 @@ def _standardize(x, axes, epsilon, centered, gamma, beta):
         offset = params.pop(0) if beta is not None else None
         x32 = tf.cast(x, dtype)
         if centered:
-            # One pass over the deviations from one sample of each group: safe
-            # for a large mean and a small spread, unlike sum(x**2) - sum(x)**2.
-            shift = _first_along(x32, axes)
+            # Deviations from a first estimate of the mean keep the spread of a
+            # large-mean input, unlike sum(x**2) - sum(x)**2, and unlike a shift
+            # by one sample, stay small when that sample is an outlier.
+            shift = tf.stop_gradient(tf.reduce_mean(x32, axes, keepdims=True))
             deviation = x32 - shift
             deviation_mean = tf.reduce_mean(deviation, axes, keepdims=True)
             mean_square = tf.reduce_mean(tf.square(deviation), axes, keepdims=True)
@@ -282,12 +283,6 @@ def _compiled_standardize(x, axes, epsilon, centered, gamma, beta):
     if beta is not None:
         outputs = outputs + tf.cast(beta, dtype)
     return tf.cast(outputs, x.dtype), tf.stop_gradient(mean), tf.stop_gradient(variance)
-
-
-def _first_along(x, axes):
-    """The first element of each group reduced over `axes` (zero for an empty group), with kept dims."""
-    first = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.shape.rank))]
-    return tf.stop_gradient(tf.reduce_sum(first, axes, keepdims=True))
 
 
 def _broadcast_param(param, ndim, axes):

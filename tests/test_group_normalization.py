@@ -112,3 +112,15 @@ def test_samples_are_independent(rng):
     y = rng.normal(5.0, 9.0, (4, 3, 6)).astype("float32")
     y[0] = x[0]
     np.testing.assert_allclose(layer(x)[0], layer(y)[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+def test_outlier_first_value_keeps_precision(mode, rng):
+    # The first value of each group sits 1000 standard deviations out: statistics
+    # centred on that one sample would lose the spread of the others.
+    x = rng.normal(0.0, 1.0, (2, 16, 16, 4)).astype("float32")
+    x[:, 0, 0, :] = 1000.0
+    layer = kernorm.GroupNormalization(groups=2, epsilon=EPSILON)
+    outputs = compiled(lambda x: layer(x), mode)(tf.constant(x))
+    expected = ref.group_norm(x, 2, -1, None, None, EPSILON)[0]
+    ref.assert_close(outputs, expected, TOLERANCE)
