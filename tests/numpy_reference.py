@@ -218,3 +218,14 @@ def masked_batch_norm(x, axis, mask, gamma=None, beta=None, epsilon=1e-3, upstre
         sum_dn = (d_normalized * normalized).sum(axis=reduce_axes, keepdims=True)
         d_x = rstd * (d_normalized - weight / count * (sum_d + normalized * sum_dn))
     return outputs, d_x, mean.reshape(shape), variance.reshape(shape), count.reshape(shape)
+
+
+def built_with_random_affine(layer, shape, rng):
+    """`layer` built for `shape`, with random gamma in [0.5, 1.5] and random beta, so that
+    the references see non-trivial weights."""
+    layer.build(shape)
+    if layer.gamma is not None:
+        layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape).astype("float32"))
+    if layer.beta is not None:
+        layer.beta.assign(rng.normal(size=layer.beta.shape).astype("float32"))
+    return layer

@@ -24,13 +24,7 @@ def _shape(rank, axis):
 
 
 def _built_layer(shape, rng, **kwargs):
-    layer = kernorm.GroupNormalization(epsilon=EPSILON, **kwargs)
-    layer.build(shape)
-    if layer.gamma is not None:
-        layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape).astype("float32"))
-    if layer.beta is not None:
-        layer.beta.assign(rng.normal(size=layer.beta.shape).astype("float32"))
-    return layer
+    return ref.built_with_random_affine(kernorm.GroupNormalization(epsilon=EPSILON, **kwargs), shape, rng)
 
 
 def _check_forward_and_gradients(shape, axis, groups, mode, rng):
