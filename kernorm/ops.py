@@ -25,9 +25,10 @@ numbers, see tests/test_fast_paths.py):
 - TensorFlow kernels, for float16/bfloat16/float32 tensors outside XLA, where
   every op is a kernel with its own pass over memory:
   - `layer_norm` and `rms_norm` over trailing axes (the usual `axis=-1`):
-    shifted one-pass row statistics from single-read reductions (the row mean,
-    then `reduce_mean` and `reduce_euclidean_norm` of the deviations from it),
-    in-place normalization, and a gradient that keeps the
+    shifted row statistics from single-read reductions (the row mean, then
+    `reduce_euclidean_norm` of the deviations from it, and their mean only for
+    rows whose mean is large against their spread), in-place normalization,
+    and a gradient that keeps the
     normalized rows and `rstd` and gets `upstream * gamma`, `d_gamma` and
     `d_beta` from one kernel (`FusedBatchNormGradV3`) on CPU.
   - `batch_norm` with the channels last, without a mask or synchronized
@@ -516,9 +517,9 @@ def _row_norm(x, axes, scale, offset, epsilon, centered):
     """Layer norm (`centered`) or RMS norm of `x` over its trailing `axes`, with the affine.
 
     The input is viewed as rows of `depth` features. Statistics take single-read
-    reductions: the row mean, then the sum and the sum of squares
-    (`reduce_euclidean_norm` is one kernel) of the deviations from it, a shifted
-    form that keeps a large mean's precision. Every later op works in place. The gradient
+    reductions: the row mean, then the sum of squares of the deviations from it
+    (`reduce_euclidean_norm` is one kernel), a shifted form that keeps a large
+    mean's precision. Every later op works in place. The gradient
     keeps the normalized rows and `rstd`, and gets `upstream * gamma` and the
     weight gradients from one kernel.
     """
@@ -538,14 +539,22 @@ def _row_norm(x, axes, scale, offset, epsilon, centered):
         values = tf.cast(rows, tf.float32)
         if centered:
             # Deviations from the rounded row mean are nearly centred, so their
-            # one-pass variance cannot cancel (a shift by one value of the row
-            # would, for an outlier); their mean restores what the rounding lost.
-            deviation = values - tf.reduce_mean(values, -1, keepdims=True)
-            deviation_mean = tf.reduce_mean(deviation, -1, keepdims=True)
-            norm = tf.math.reduce_euclidean_norm(deviation, -1, keepdims=True)
-            variance = tf.maximum(tf.square(norm) / depth - tf.square(deviation_mean), 0.0)
-            rstd = tf.math.rsqrt(variance + epsilon)
-            normalized = (deviation - deviation_mean) * rstd
+            # variance cannot cancel (a shift by one value of the row would, for
+            # an outlier). Rounded to float32, the mean is off by about
+            # |mean| * 2**-24; only where that matters against the spread does a
+            # second reduction take the deviations' own mean out.
+            mean = tf.reduce_mean(values, -1, keepdims=True)
+            deviation = values - mean
+            mean_square = tf.square(tf.math.reduce_euclidean_norm(deviation, -1, keepdims=True)) / depth
+            rstd = tf.math.rsqrt(mean_square + epsilon)
+
+            def recentred():
+                deviation_mean = tf.reduce_mean(deviation, -1, keepdims=True)
+                exact_rstd = tf.math.rsqrt(tf.maximum(mean_square - tf.square(deviation_mean), 0.0) + epsilon)
+                return (deviation - deviation_mean) * exact_rstd, exact_rstd
+
+            large = tf.reduce_any(tf.abs(mean) * rstd > _LARGE_MEAN)
+            normalized, rstd = tf.cond(large, recentred, lambda: (deviation * rstd, rstd))
         else:
             norm = tf.math.reduce_euclidean_norm(values, -1, keepdims=True)
             rstd = tf.math.rsqrt(tf.square(norm) / depth + epsilon)
