@@ -48,6 +48,8 @@ numbers, see tests/test_fast_paths.py):
   `normalize` and the custom-gradient `_standardize`.
 """
 
+import math
+
 import tensorflow as tf
 
 try:  # tells whether ops are being traced for XLA; without it, the kernel paths are not taken in tf.function
@@ -480,6 +482,28 @@ def _as_channels(x, channels):
     return tf.reshape(x, [1, 1, -1, channels])
 
 
+# The frozen kernel runs at close to a streaming pass only on wide rows: with
+# few channels, `x` is viewed as rows of several consecutive pixels, each
+# channel vector repeated once per pixel, up to this many values a row.
+_FROZEN_ROW_WIDTH = 4096
+
+
+def _pixels_per_row(x, channels):
+    """How many consecutive pixels of `x` one row of the frozen kernel's view holds: the largest
+    power of two that keeps the row within `_FROZEN_ROW_WIDTH` and divides the pixel count
+    (of one sample where the batch size is unknown until run time)."""
+    dims = x.shape.as_list()[:-1]
+    if dims and dims[0] is None:
+        dims = dims[1:]
+    if None in dims:
+        return 1
+    pixels = math.prod(dims)
+    pixels_per_row = 1
+    while pixels % (2 * pixels_per_row) == 0 and 2 * pixels_per_row * channels <= _FROZEN_ROW_WIDTH:
+        pixels_per_row *= 2
+    return pixels_per_row
+
+
 def _channel_affine_grad(upstream, x, scale):
     """Gradients of `x * scale + offset` over the last axis: `(upstream * scale,
     sum(upstream * x), sum(upstream))`, the sums over every axis but the last; on CPU
@@ -652,9 +676,11 @@ def _frozen_batch_norm(x, mean, variance, scale, offset, epsilon):
         params = list(params)
         gamma = params.pop(0) if scale is not None else tf.ones([channels], tf.float32)
         beta = params.pop(0) if offset is not None else tf.zeros([channels], tf.float32)
+        pixels = _pixels_per_row(x, channels)
         outputs = tf.raw_ops.FusedBatchNormV3(
-            x=_as_channels(x, channels), scale=gamma, offset=beta, mean=mean, variance=variance,
-            epsilon=epsilon, is_training=False,
+            x=_as_channels(x, channels * pixels), epsilon=epsilon, is_training=False,
+            **{name: tf.tile(vector, [pixels]) if pixels > 1 else vector
+               for name, vector in dict(scale=gamma, offset=beta, mean=mean, variance=variance).items()},
         )[0]
 
         def backward(upstream):

@@ -247,10 +247,11 @@ def _frozen_reference(x, mean, variance, gamma, beta, upstream):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("stats_rank", [1, 3], ids=["vector", "kept-dims"])
-def test_normalize_with_channel_statistics(stats_rank, dtype, mode, rng):
+@pytest.mark.parametrize("shape", [(5, 4, 6), (3, 5, 7)], ids=["4-pixel-rows", "1-pixel-rows"])
+def test_normalize_with_channel_statistics(shape, stats_rank, dtype, mode, rng):
     """BN inference folded into one multiply-add; its gradient reaches the statistics too
-    (masked training normalizes with batch statistics through the same function)."""
-    shape = (5, 4, 6)
+    (masked training normalizes with batch statistics through the same function). The
+    kernel views 20 pixels as rows of 4 pixels, and 15 pixels as rows of one."""
     x, upstream = _inputs(rng, shape, dtype)
     stats_shape = [1] * (stats_rank - 1) + [shape[-1]]
     mean = tf.constant(rng.normal(size=stats_shape).astype("float32"))
@@ -270,6 +271,21 @@ def test_normalize_with_channel_statistics(stats_rank, dtype, mode, rng):
     names = ["d_x", "d_mean", "d_variance", "d_gamma", "d_beta"]
     for name, grad, expected_grad in zip(names, grads, expected_grads):
         ref.assert_close(_f64(grad).reshape(expected_grad.shape), expected_grad, tolerance, name)
+
+
+def test_normalize_with_a_batch_size_known_at_run_time_only(rng):
+    """Rows of several pixels are cut from one sample's pixels, so any batch size divides."""
+    channels = 3
+    stats = [tf.constant(rng.uniform(0.5, 1.5, channels).astype("float32")) for _ in range(4)]
+    run = tf.function(
+        lambda x: ops.normalize(x, *stats, epsilon=EPSILON),
+        input_signature=[tf.TensorSpec([None, 2, 8, channels], tf.float32)],
+    )
+    assert ops._pixels_per_row(tf.zeros([1, 2, 8, channels]), channels) == 16
+    for batch in (1, 3):
+        x = rng.normal(size=(batch, 2, 8, channels)).astype("float32")
+        expected, _ = _frozen_reference(x.astype(np.float64), *[_f64(v) for v in stats], np.ones_like(x))
+        ref.assert_close(_f64(run(x)), expected, 1e-5, f"outputs, batch {batch}")
 
 
 @pytest.mark.parametrize("mode", MODES)
