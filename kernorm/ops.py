@@ -416,6 +416,9 @@ _KERNEL_DTYPES = (tf.float16, tf.bfloat16, tf.float32)
 # Above this |mean| / std, a statistic computed from a float32 mean (rounded
 # to about |mean| * 2**-24) is corrected or recomputed from deviations.
 _LARGE_MEAN = 16.0
+# XLA's own batch norm computes the variance as mean(x**2) - mean(x)**2, which
+# loses about (|mean| / std)**2 * 2**-24 of it; its batches rerun from here.
+_XLA_LARGE_MEAN = 4.0
 
 _has_gpu = None
 
@@ -436,11 +439,12 @@ def _cpu_only():
     return not _has_gpu
 
 
-def _kernel_path(x):
-    """Whether `x` can take the TensorFlow kernel paths: a float16/bfloat16/float32 tensor outside XLA."""
+def _kernel_path(x, under_xla=False):
+    """Whether `x` can take the TensorFlow kernel paths: a float16/bfloat16/float32 tensor outside
+    XLA, or also under XLA for a kernel that XLA compiles well (`under_xla`)."""
     return (
         tf.is_tensor(x) and x.dtype in _KERNEL_DTYPES and x.shape.rank is not None and x.shape.rank >= 1
-        and not _in_xla_context()
+        and (under_xla or not _in_xla_context())
     )
 
 
@@ -490,11 +494,10 @@ _FROZEN_ROW_WIDTH = 4096
 
 def _pixels_per_row(x, channels):
     """How many consecutive pixels of `x` one row of the frozen kernel's view holds: the largest
-    power of two that keeps the row within `_FROZEN_ROW_WIDTH` and divides the pixel count
-    (of one sample where the batch size is unknown until run time)."""
-    dims = x.shape.as_list()[:-1]
-    if dims and dims[0] is None:
-        dims = dims[1:]
+    power of two that keeps the row within `_FROZEN_ROW_WIDTH` and divides the pixel count of
+    one sample. Rows never span two samples, whatever the batch size, so a sample's outputs
+    are the same bits in any batch."""
+    dims = x.shape.as_list()[1:-1]
     if None in dims:
         return 1
     pixels = math.prod(dims)
@@ -572,13 +575,16 @@ def _row_norm(x, axes, scale, offset, epsilon, centered):
             mean_square = tf.square(tf.math.reduce_euclidean_norm(deviation, -1, keepdims=True)) / depth
             rstd = tf.math.rsqrt(mean_square + epsilon)
 
+            large = tf.abs(mean) * rstd > _LARGE_MEAN
+
             def recentred():
-                deviation_mean = tf.reduce_mean(deviation, -1, keepdims=True)
+                # Only the large rows change, so each row's outputs are the same bits in any batch.
+                deviation_mean = tf.where(large, tf.reduce_mean(deviation, -1, keepdims=True), 0.0)
                 exact_rstd = tf.math.rsqrt(tf.maximum(mean_square - tf.square(deviation_mean), 0.0) + epsilon)
+                exact_rstd = tf.where(large, exact_rstd, rstd)
                 return (deviation - deviation_mean) * exact_rstd, exact_rstd
 
-            large = tf.reduce_any(tf.abs(mean) * rstd > _LARGE_MEAN)
-            normalized, rstd = tf.cond(large, recentred, lambda: (deviation * rstd, rstd))
+            normalized, rstd = tf.cond(tf.reduce_any(large), recentred, lambda: (deviation * rstd, rstd))
         else:
             norm = tf.math.reduce_euclidean_norm(values, -1, keepdims=True)
             rstd = tf.math.rsqrt(tf.square(norm) / depth + epsilon)
@@ -616,10 +622,12 @@ def _kernel_epsilon(epsilon):
 
 
 def _channel_norm_path(x, axes, epsilon):
-    """Whether training batch norm over `axes` can take the fused kernel: channels last."""
+    """Whether training batch norm over `axes` can take the fused kernel: channels last. Under
+    XLA too, where it becomes XLA's own batch norm, which fuses its gradient better than the
+    gradient of plain ops."""
     rank = x.shape.rank
     return (
-        _kernel_path(x) and _kernel_epsilon(epsilon) and rank >= 2
+        _kernel_path(x, under_xla=True) and _kernel_epsilon(epsilon) and rank >= 2
         and sorted(a % rank for a in axes) == list(range(rank - 1)) and x.shape[-1] is not None
     )
 
@@ -630,36 +638,66 @@ def _fused_batch_norm(x, gamma, beta, epsilon):
 
     The kernel centres with a float32 batch mean, which cannot hold the centre of
     inputs whose mean is large against their spread (|mean| / std above
-    `_LARGE_MEAN`); those batches rerun on the deviations from the first
-    sample. Returns `(outputs, mean, variance)`, statistics as vectors.
+    `_LARGE_MEAN`, or `_XLA_LARGE_MEAN` under XLA); those batches rerun on the
+    deviations from the first sample, and so does their gradient. Returns
+    `(outputs, mean, variance)`, statistics as vectors.
     """
     channels = x.shape[-1]
-    values = _as_channels(x, channels)
-    scale = tf.ones([channels], tf.float32) if gamma is None else gamma
-    offset = tf.zeros([channels], tf.float32) if beta is None else beta
+    input_dtype = x.dtype
     count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
+    params = [p for p in (gamma, beta) if p is not None]
+    limit = _XLA_LARGE_MEAN if _in_xla_context() else _LARGE_MEAN
 
-    def fused(values):
-        outputs, mean, variance = tf.raw_ops.FusedBatchNormV3(
-            x=values, scale=scale, offset=offset, mean=tf.zeros([0]), variance=tf.zeros([0]),
-            epsilon=epsilon, is_training=True,
-        )[:3]
+    @tf.custom_gradient
+    def forward(values, *params):
+        params = list(params)
+        scale = params.pop(0) if gamma is not None else tf.ones([channels], tf.float32)
+        offset = params.pop(0) if beta is not None else tf.zeros([channels], tf.float32)
+
+        def shift():
+            return tf.stop_gradient(tf.cast(values[:, :, :1, :], tf.float32))
+
+        def fused(values):
+            # outputs, mean, unbiased variance, and the three reserve spaces of the gradient
+            return tf.raw_ops.FusedBatchNormV3(
+                x=values, scale=scale, offset=offset, mean=tf.zeros([0]), variance=tf.zeros([0]),
+                epsilon=epsilon, is_training=True,
+            )
+
+        plain = fused(values)
+        mean, variance = plain[1], plain[2]
+        # Written so that a NaN ratio (a variance below zero from XLA's one-pass formula) reruns too.
+        imprecise = tf.logical_not(tf.reduce_all(tf.abs(mean) * tf.math.rsqrt(variance + epsilon) <= limit))
+
+        def shifted():
+            first = shift()
+            outputs, mean, *rest = fused(tf.cast(values, tf.float32) - first)
+            return [tf.cast(outputs, input_dtype), mean + tf.reduce_sum(first, [0, 1, 2]), *rest]
+
+        # The reserve spaces hold the statistics of the run taken, shifted or not.
+        outputs, mean, variance, *reserve = tf.cond(imprecise, shifted, lambda: list(plain))
+
+        def backward(upstream, *unused_upstreams):
+            def gradient(values, reserve):
+                d_values, d_scale, d_offset = tf.raw_ops.FusedBatchNormGradV3(
+                    y_backprop=tf.cast(upstream, values.dtype), x=values, scale=scale, reserve_space_1=reserve[0],
+                    reserve_space_2=reserve[1], reserve_space_3=reserve[2], epsilon=epsilon, is_training=True,
+                )[:3]
+                return tf.cast(d_values, input_dtype), d_scale, d_offset
+
+            d_values, d_scale, d_offset = tf.cond(
+                imprecise,
+                lambda: gradient(tf.cast(values, tf.float32) - shift(), reserve),
+                lambda: gradient(values, reserve),
+            )
+            return [d_values] + ([d_scale] if gamma is not None else []) + ([d_offset] if beta is not None else [])
+
         # The kernel returns the unbiased variance (not finite for a single value);
         # the moving statistics take the biased one.
         biased = variance * ((count - 1.0) / tf.maximum(count, 1.0))
-        return outputs, mean, tf.where(count > 1.0, biased, tf.zeros_like(variance))
+        return (outputs, mean, tf.where(count > 1.0, biased, tf.zeros_like(variance))), backward
 
-    outputs, mean, variance = fused(values)
-    imprecise = tf.reduce_any(tf.abs(mean) * tf.math.rsqrt(variance + epsilon) > _LARGE_MEAN)
-
-    def shifted():
-        values32 = tf.cast(values, tf.float32)
-        shift = tf.stop_gradient(values32[:, :, :1, :])
-        shifted_outputs, shifted_mean, shifted_variance = fused(values32 - shift)
-        shifted_outputs = tf.cast(shifted_outputs, values.dtype)
-        return shifted_outputs, shifted_mean + tf.reduce_sum(shift, [0, 1, 2]), shifted_variance
-
-    outputs, mean, variance = tf.cond(imprecise, shifted, lambda: (outputs, mean, variance))
+    outputs, mean, variance = forward(_as_channels(x, channels), *params)
     return tf.reshape(outputs, tf.shape(x)), tf.stop_gradient(mean), tf.stop_gradient(variance)
 
 
