@@ -28,9 +28,9 @@ numbers, see tests/test_fast_paths.py):
     shifted row statistics from single-read reductions (the row mean, then
     `reduce_euclidean_norm` of the deviations from it, and their mean only for
     rows whose mean is large against their spread), in-place normalization,
-    and a gradient that keeps the
-    normalized rows and `rstd` and gets `upstream * gamma`, `d_gamma` and
-    `d_beta` from one kernel (`FusedBatchNormGradV3`) on CPU.
+    and a gradient that keeps the normalized rows and `rstd` and gets
+    `upstream * gamma`, `d_gamma` and `d_beta` from one kernel
+    (`FusedBatchNormGradV3`) on CPU.
   - `batch_norm` with the channels last, without a mask or synchronized
     statistics: `FusedBatchNormV3`, statistics and normalization in one kernel
     and one kernel for the gradient. A batch whose mean is large against its
@@ -38,11 +38,16 @@ numbers, see tests/test_fast_paths.py):
     sample, since a float32 mean cannot hold its centre.
   - `normalize` with per-channel statistics and weights on the last axis (BN
     inference, folded into one multiply-add): a frozen `FusedBatchNormV3`, in
-    the centred form, whose gradient also reaches the statistics.
-- Under XLA (`jit_compile=True`): `_standardize` in plain ops with automatic
-  differentiation, which XLA fuses better than a hand-written gradient; a
-  second reduction corrects the mean only where it is large against the
-  spread. `normalize` is plain ops (XLA fuses them into one pass).
+    the centred form, whose gradient also reaches the statistics. With few
+    channels, each sample's pixels are viewed as rows of several pixels.
+- Under XLA (`jit_compile=True`):
+  - `batch_norm` with the channels last is still `FusedBatchNormV3` with its
+    large-mean rerun (at the lower `_XLA_LARGE_MEAN`): XLA makes it its own
+    batch norm, whose gradient it fuses better than that of plain ops.
+  - Otherwise `_standardize` in plain ops with automatic differentiation,
+    which XLA fuses better than a hand-written gradient; a second reduction
+    corrects the mean only where it is large against the spread. `normalize`
+    is plain ops (XLA fuses them into one pass).
 - Everything else (masks, synchronized statistics, channels-first batch norm,
   group norm, other axes, float64): the generic code with `moments`,
   `normalize` and the custom-gradient `_standardize`.
