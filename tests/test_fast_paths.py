@@ -147,7 +147,7 @@ def test_layer_norm_row_of_one_outlier(rng):
 
 # --- batch norm in training, channels last ---------------------------------------
 
-BATCH_SHAPES = [(4, 5, 6, 8), (32, 8), (3, 7, 5)]
+BATCH_SHAPES = [(4, 5, 6, 8), (2, 8, 8, 3), (32, 8), (3, 7, 5)]
 
 
 def _batch_function(axes):
