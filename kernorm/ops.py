@@ -733,7 +733,7 @@ def _wide_batch_norm_grad(upstream, values, scale, mean, variance, epsilon, pixe
     """
     channels = values.shape[-1]
     width = channels * pixels
-    count = tf.cast(tf.size(values) // channels, tf.float32)
+    count = tf.cast(tf.size(values, out_type=tf.int64) // channels, tf.float32)
 
     def wide(vector):
         return tf.tile(vector, [pixels])
