@@ -519,6 +519,11 @@ def _pixels_per_row(x, channels):
     return pixels_per_row
 
 
+def _per_pixel(vector, pixels):
+    """A channel vector repeated for each pixel of a wide row."""
+    return tf.tile(vector, [pixels]) if pixels > 1 else vector
+
+
 def _channel_affine_grad(upstream, x, scale):
     """Gradients of `x * scale + offset` over the last axis: `(upstream * scale,
     sum(upstream * x), sum(upstream))`, the sums over every axis but the last; on CPU
@@ -736,14 +741,14 @@ def _wide_batch_norm_grad(upstream, values, scale, mean, variance, epsilon, pixe
     count = tf.cast(tf.size(values, out_type=tf.int64) // channels, tf.float32)
 
     def wide(vector):
-        return tf.tile(vector, [pixels])
+        return _per_pixel(vector, pixels)
 
     def summed(vector):
         return tf.reduce_sum(tf.reshape(vector, [pixels, channels]), 0)
 
-    rows = tf.reshape(values, [1, 1, -1, width])
+    rows = _as_channels(values, width)
     d_rows, d_scale, d_offset = tf.raw_ops.FusedBatchNormGradV3(
-        y_backprop=tf.reshape(tf.cast(upstream, values.dtype), [1, 1, -1, width]), x=rows, scale=wide(scale),
+        y_backprop=_as_channels(tf.cast(upstream, values.dtype), width), x=rows, scale=wide(scale),
         reserve_space_1=wide(mean), reserve_space_2=wide(variance), reserve_space_3=tf.zeros([0]),
         epsilon=epsilon, is_training=False,
     )[:3]
@@ -772,9 +777,8 @@ def _frozen_batch_norm(x, mean, variance, scale, offset, epsilon):
         beta = params.pop(0) if offset is not None else tf.zeros([channels], tf.float32)
         pixels = _pixels_per_row(x, channels)
         outputs = tf.raw_ops.FusedBatchNormV3(
-            x=_as_channels(x, channels * pixels), epsilon=epsilon, is_training=False,
-            **{name: tf.tile(vector, [pixels]) if pixels > 1 else vector
-               for name, vector in dict(scale=gamma, offset=beta, mean=mean, variance=variance).items()},
+            x=_as_channels(x, channels * pixels), scale=_per_pixel(gamma, pixels), offset=_per_pixel(beta, pixels),
+            mean=_per_pixel(mean, pixels), variance=_per_pixel(variance, pixels), epsilon=epsilon, is_training=False,
         )[0]
 
         def backward(upstream):
