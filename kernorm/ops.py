@@ -38,10 +38,13 @@ numbers, see tests/test_fast_paths.py):
     whose mean is large against its spread (|mean| / std > `_LARGE_MEAN`)
     reruns on deviations from its first sample, since a float32 mean cannot
     hold its centre.
-  - `normalize` with per-channel statistics and weights on the last axis (BN
-    inference, folded into one multiply-add): a frozen `FusedBatchNormV3`, in
-    the centred form, whose gradient also reaches the statistics. With few
-    channels, each sample's pixels are viewed as rows of several pixels.
+  - `normalize` on NHWC inputs with per-channel statistics and weights on the
+    last axis (BN inference, a per-channel multiply-add): a frozen
+    `FusedBatchNormV3` on the input as it is, in the centred form, whose
+    gradient also reaches the statistics. An export keeps it as TensorFlow's
+    inference batch norm, which Grappler fuses into the preceding convolution
+    and the TFLite converter folds into its weights. Other ranks take the
+    generic centred multiply-add, which the converter folds into a Dense layer.
 - Under XLA (`jit_compile=True`):
   - `batch_norm` with the channels last is still `FusedBatchNormV3` with its
     large-mean rerun (at the lower `_XLA_LARGE_MEAN`): XLA makes it its own
@@ -471,8 +474,13 @@ def _channel_vector(value, channels):
 
 def _frozen_path(x, mean, variance, gamma, beta, epsilon):
     """The channel vectors `(mean, variance, gamma, beta)` when `normalize` can run as one frozen
-    fused batch norm: statistics and weights per channel on the last axis. None otherwise."""
-    if not _kernel_path(x) or not _kernel_epsilon(epsilon):
+    fused batch norm: an NHWC input, statistics and weights per channel on the last axis. None
+    otherwise.
+
+    Other ranks take the plain centred multiply-add: a reshape into the kernel's four axes
+    would stay in a TFLite model as RESHAPE ops that keep the multiply-add from folding into a
+    preceding Dense layer."""
+    if not _kernel_path(x) or not _kernel_epsilon(epsilon) or x.shape.rank != 4:
         return None
     channels = x.shape[-1]
     if channels is None:
@@ -493,9 +501,9 @@ def _as_channels(x, channels):
     return tf.reshape(x, [1, 1, -1, channels])
 
 
-# The frozen kernel runs at close to a streaming pass only on wide rows: with
-# few channels, `x` is viewed as rows of several consecutive pixels, each
-# channel vector repeated once per pixel, up to this many values a row.
+# The frozen kernels of the few-channel training gradient run at close to a
+# streaming pass only on wide rows: `x` is viewed as rows of several consecutive
+# pixels, each channel vector repeated once per pixel, up to this many values a row.
 _FROZEN_ROW_WIDTH = 4096
 
 
@@ -765,7 +773,11 @@ def _wide_batch_norm_grad(upstream, values, scale, mean, variance, epsilon, pixe
 def _frozen_batch_norm(x, mean, variance, scale, offset, epsilon):
     """`(x - mean) * rsqrt(variance + epsilon) * scale + offset` over the last axis in one kernel,
     the centred form; the gradient also reaches `mean` and `variance`, which may be batch
-    statistics. Arguments are float32 channel vectors or None."""
+    statistics. `x` is NHWC; the other arguments are float32 channel vectors or None.
+
+    This is TensorFlow's own inference batch norm, a per-channel multiply-add on the input as it
+    is, which Grappler fuses into a preceding convolution and the TFLite converter folds into the
+    convolution's weights."""
     channels = x.shape[-1]
     input_dtype = x.dtype
     params = [p for p in (scale, offset) if p is not None]
@@ -775,10 +787,8 @@ def _frozen_batch_norm(x, mean, variance, scale, offset, epsilon):
         params = list(params)
         gamma = params.pop(0) if scale is not None else tf.ones([channels], tf.float32)
         beta = params.pop(0) if offset is not None else tf.zeros([channels], tf.float32)
-        pixels = _pixels_per_row(x, channels)
         outputs = tf.raw_ops.FusedBatchNormV3(
-            x=_as_channels(x, channels * pixels), scale=_per_pixel(gamma, pixels), offset=_per_pixel(beta, pixels),
-            mean=_per_pixel(mean, pixels), variance=_per_pixel(variance, pixels), epsilon=epsilon, is_training=False,
+            x=x, scale=gamma, offset=beta, mean=mean, variance=variance, epsilon=epsilon, is_training=False,
         )[0]
 
         def backward(upstream):
@@ -799,6 +809,6 @@ def _frozen_batch_norm(x, mean, variance, scale, offset, epsilon):
                 grads.append(d_offset)
             return grads
 
-        return tf.reshape(outputs, tf.shape(x)), backward
+        return outputs, backward
 
     return forward(x, mean, variance, *params)

@@ -247,11 +247,10 @@ def _frozen_reference(x, mean, variance, gamma, beta, upstream):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("stats_rank", [1, 3], ids=["vector", "kept-dims"])
-@pytest.mark.parametrize("shape", [(5, 4, 6), (3, 5, 7)], ids=["4-pixel-rows", "1-pixel-rows"])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 6), (3, 5, 7)], ids=["nhwc-kernel", "rank-3-plain"])
 def test_normalize_with_channel_statistics(shape, stats_rank, dtype, mode, rng):
     """BN inference folded into one multiply-add; its gradient reaches the statistics too
-    (masked training normalizes with batch statistics through the same function). The
-    kernel views 20 pixels as rows of 4 pixels, and 15 pixels as rows of one."""
+    (masked training normalizes with batch statistics through the same function)."""
     x, upstream = _inputs(rng, shape, dtype)
     stats_shape = [1] * (stats_rank - 1) + [shape[-1]]
     mean = tf.constant(rng.normal(size=stats_shape).astype("float32"))
@@ -274,14 +273,12 @@ def test_normalize_with_channel_statistics(shape, stats_rank, dtype, mode, rng):
 
 
 def test_normalize_with_a_batch_size_known_at_run_time_only(rng):
-    """Rows of several pixels are cut from one sample's pixels, so any batch size divides."""
     channels = 3
     stats = [tf.constant(rng.uniform(0.5, 1.5, channels).astype("float32")) for _ in range(4)]
     run = tf.function(
         lambda x: ops.normalize(x, *stats, epsilon=EPSILON),
         input_signature=[tf.TensorSpec([None, 2, 8, channels], tf.float32)],
     )
-    assert ops._pixels_per_row(tf.zeros([5, 2, 8, channels]), channels) == 16
     for batch in (1, 3):
         x = rng.normal(size=(batch, 2, 8, channels)).astype("float32")
         expected, _ = _frozen_reference(x.astype(np.float64), *[_f64(v) for v in stats], np.ones_like(x))
@@ -289,10 +286,12 @@ def test_normalize_with_a_batch_size_known_at_run_time_only(rng):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_normalize_keeps_a_large_mean_spread(mode, rng):
-    x = rng.normal(1e4, 1e-2, (256, 8)).astype("float32")
-    mean = x.astype(np.float64).mean(0).astype("float32")
-    variance = x.astype(np.float64).var(0).astype("float32")
+@pytest.mark.parametrize("shape", [(256, 8), (4, 8, 8, 8)], ids=["plain", "nhwc-kernel"])
+def test_normalize_keeps_a_large_mean_spread(shape, mode, rng):
+    x = rng.normal(1e4, 1e-2, shape).astype("float32")
+    axes = tuple(range(len(shape) - 1))
+    mean = x.astype(np.float64).mean(axes).astype("float32")
+    variance = x.astype(np.float64).var(axes).astype("float32")
     outputs = compiled(lambda x, m, v: ops.normalize(x, m, v, epsilon=1e-6), mode)(x, mean, variance)
     # The reference uses the float32 statistics the layer would hold.
     expected = (x.astype(np.float64) - mean) / np.sqrt(variance.astype(np.float64) + 1e-6)
@@ -332,10 +331,32 @@ def test_fused_batch_norm_runs_with_and_without_xla():
 
 
 def test_frozen_batch_norm_runs_outside_xla_only():
-    x, mean, variance = tf.ones((4, 8)), tf.zeros([8]), tf.ones([8])
+    x, mean, variance = tf.ones((2, 3, 4, 8)), tf.zeros([8]), tf.ones([8])
     plain, xla = _paths(lambda x, m, v: ops.normalize(x, m, v), x, mean, variance)
     assert "FusedBatchNormV3" in plain
     assert "FusedBatchNormV3" not in xla
+
+
+def test_frozen_batch_norm_takes_the_convolution_output_as_it_is():
+    """Inference batch norm is the frozen kernel straight on the NHWC tensor, with the channel
+    vectors: no reshape or tiling between it and a convolution, which Grappler and the TFLite
+    converter would have to see through to fold it. (This replaces the view of few-channel
+    inputs as wide rows with tiled parameters.) Other ranks take the plain multiply-add."""
+    kernel = tf.constant(np.ones((3, 3, 3, 8), "float32"))
+    stats = [tf.constant(np.full([8], value, "float32")) for value in (0.5, 2.0, 1.5, 0.1)]
+
+    def conv_norm(x):
+        return ops.normalize(tf.nn.conv2d(x, kernel, 1, "SAME"), *stats)
+
+    graph = tf.function(conv_norm, autograph=False).get_concrete_function(tf.TensorSpec([None, 8, 8, 3])).graph
+    (frozen,) = [op for op in graph.get_operations() if op.type == "FusedBatchNormV3"]
+    assert not frozen.get_attr("is_training")
+    assert frozen.inputs[0].op.type == "Conv2D"
+    assert [tensor.shape.as_list() for tensor in frozen.inputs[1:]] == [[8]] * 4
+    assert "Tile" not in {op.type for op in graph.get_operations()}
+    assert all(op.outputs[0].shape.rank == 1 for op in graph.get_operations() if op.type == "Reshape")
+    dense = _op_types(tf.function(lambda x: ops.normalize(x, *stats[:2]), autograph=False), tf.ones((4, 8)))
+    assert "FusedBatchNormV3" not in dense and "Reshape" not in dense
 
 
 @pytest.mark.parametrize(
