@@ -130,6 +130,9 @@ class BatchNormalization(keras.layers.Layer):
                 "pass one or the other."
             )
         self.supports_masking = True
+        # Float32 inputs are normalized as they are under a mixed policy (Keras
+        # casts them to float16 first, where values beyond 65504 overflow).
+        self.autocast = False
         self.gamma = None
         self.beta = None
 
@@ -176,7 +179,7 @@ class BatchNormalization(keras.layers.Layer):
                 gamma, beta, self.epsilon,
             )
             return tf.cast(outputs, self.compute_dtype)
-        self._check_values_per_channel(inputs, mask)
+        inputs = self._check_values_per_channel(inputs, mask)
         if self.virtual_batch_size:
             outputs, mean, variance, count = self._ghost_batch_norm(inputs, gamma, beta, mask)
         elif self.renorm:
@@ -209,13 +212,31 @@ class BatchNormalization(keras.layers.Layer):
         return tf.reshape(statistic, shape)
 
     def _check_values_per_channel(self, inputs, mask):
+        """Refuses a training batch with one value per channel: its variance is 0, not a statistic.
+
+        With the sizes known, a ValueError now; otherwise (a graph traced for any
+        batch size) an assertion that fails when the batch arrives, before the
+        moving statistics are touched. Returns `inputs`, tied to that assertion.
+        """
+        if mask is not None or not self._reduction_axes:
+            return inputs
+        message = (
+            f"Layer '{self.name}' got one value per channel in training mode (`axis`={self.axis}): "
+            "batch statistics of a single value are meaningless (the variance is 0), so the layer "
+            "neither normalizes with them nor updates its moving statistics. Remedies: batch the "
+            "data with `drop_remainder=True` (a last batch of one sample is the usual cause), use a "
+            "larger batch, or use a norm that does not need the batch (LayerNormalization, "
+            "GroupNormalization); training=False uses the moving statistics."
+        )
         sizes = [inputs.shape[a] for a in self._reduction_axes]
-        if mask is None and None not in sizes and len(sizes) > 0 and _product(sizes) == 1:
-            raise ValueError(
-                f"Layer '{self.name}' got one value per channel in training mode "
-                f"(inputs.shape={tuple(inputs.shape)}, `axis`={self.axis}): batch statistics of a "
-                "single value are meaningless. Use a batch of more than one sample, or training=False."
-            )
+        if None not in sizes:
+            if _product(sizes) == 1:
+                raise ValueError(f"{message} Received: inputs.shape={tuple(inputs.shape)}")
+            return inputs
+        values = tf.reduce_prod(tf.gather(tf.shape(inputs, out_type=tf.int64), self._reduction_axes))
+        check = tf.debugging.assert_greater(values, tf.constant(1, tf.int64), message=message)
+        with tf.control_dependencies([check] if check is not None else []):
+            return tf.identity(inputs)
 
     def _ghost_batch_norm(self, inputs, gamma, beta, mask):
         size = self.virtual_batch_size
@@ -271,8 +292,10 @@ class BatchNormalization(keras.layers.Layer):
         self.moving_mean.assign(ops.moving_average(self.moving_mean, mean, self.momentum, count))
         moving_stddev = ops.moving_average(self.moving_stddev, stddev, self.momentum, count)
         self.moving_stddev.assign(moving_stddev)
-        # Rounding can make stddev**2 - epsilon slightly negative.
-        self.moving_variance.assign(tf.nn.relu(tf.square(moving_stddev) - self.epsilon))
+        # Rounding can make stddev**2 - epsilon slightly negative, and would move
+        # the variance of a step that counted nothing.
+        moving_variance = tf.nn.relu(tf.square(moving_stddev) - self.epsilon)
+        self.moving_variance.assign(ops.where_counted(count, moving_variance, self.moving_variance))
         return outputs, mean, variance, count
 
     def compute_output_shape(self, input_shape):
@@ -318,11 +341,14 @@ def _renorm_clipping(clipping):
     unknown = set(clipping) - {"rmax", "rmin", "dmax"}
     if unknown:
         raise ValueError(
-            f"Unknown keys {sorted(unknown)} in `renorm_clipping`; expected some of 'rmax', 'rmin', 'dmax'."
+            f"Received invalid keys for `renorm_clipping` argument: {sorted(unknown)}. "
+            "Expected some of 'rmax', 'rmin', 'dmax'."
         )
     rmin, rmax, dmax = clipping.get("rmin"), clipping.get("rmax"), clipping.get("dmax")
     if rmin is not None and rmax is not None and rmax < rmin:
-        raise ValueError(f"`renorm_clipping` needs rmax >= rmin. Received: rmax={rmax}, rmin={rmin}")
+        raise ValueError(
+            f"rmax should be greater than rmin in the `renorm_clipping` argument. Received: rmax={rmax}, rmin={rmin}"
+        )
     if dmax is not None and dmax < 0:
-        raise ValueError(f"`renorm_clipping` needs dmax >= 0. Received: dmax={dmax}")
+        raise ValueError(f"dmax should be non-negative in the `renorm_clipping` argument. Received: dmax={dmax}")
     return clipping

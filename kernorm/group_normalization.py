@@ -65,7 +65,8 @@ class GroupNormalization(keras.layers.Layer):
         super().__init__(**kwargs)
         if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or (groups < 1 and groups != -1):
             raise ValueError(
-                f"Expected `groups` to be a positive int, or -1 for instance normalization. Received: groups={groups!r}"
+                "Received an invalid value for argument `groups`: expected a positive int, or -1 for "
+                f"instance normalization. Received: groups={groups!r}"
             )
         if not isinstance(axis, numbers.Integral) or isinstance(axis, bool):
             raise TypeError(f"Expected `axis` to be an int (the channel axis). Received: axis={axis!r}")
@@ -81,19 +82,26 @@ class GroupNormalization(keras.layers.Layer):
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
         self.supports_masking = True
+        # Float32 inputs are normalized as they are under a mixed policy (see LayerNormalization).
+        self.autocast = False
         self.gamma = None
         self.beta = None
 
     def build(self, input_shape):
-        (self._axis,) = validation.canonical_axes(self.axis, len(input_shape))
-        if self._axis == 0:
-            raise ValueError("`axis`=0 is the batch axis; GroupNormalization needs the channel axis.")
-        (channels,) = validation.known_sizes(input_shape, (self._axis,), self)
+        (channels,) = validation.known_sizes(input_shape, (self._channel_axis(len(input_shape)),), self)
+        self._channels = channels
         self._groups = channels if self.groups == -1 else self.groups
-        if channels % self._groups:
+        where = f"(axis {self.axis} of input shape {tuple(input_shape)})"
+        if self._groups > channels:
             raise ValueError(
-                f"`groups`={self.groups} must divide the number of channels, {channels} "
-                f"(axis {self.axis} of input shape {tuple(input_shape)})."
+                f"`groups`={self.groups} cannot be more than the number of channels ({channels}) {where}."
+            )
+        if channels % self._groups:
+            # The second sentence carries the phrase of Keras's message, which code may match on.
+            raise ValueError(
+                f"`groups`={self.groups} must divide the number of channels, {channels} {where}. "
+                "Keras words this as: the number of groups must be a multiple of the number of channels; "
+                f"what is needed is {channels} % {self.groups} == 0."
             )
         if self.scale:
             self.gamma = self.add_weight(
@@ -107,11 +115,18 @@ class GroupNormalization(keras.layers.Layer):
                 regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
                 dtype=ops.stats_dtype(self.variable_dtype),
             )
-        self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes={self._axis: channels})
+
+    def _channel_axis(self, ndim):
+        (axis,) = validation.canonical_axes(self.axis, ndim)
+        if axis == 0:
+            raise ValueError("`axis`=0 is the batch axis; GroupNormalization needs the channel axis.")
+        return axis
 
     def call(self, inputs):
         validation.float_inputs(inputs, self)
-        outputs = ops.group_norm(inputs, self._groups, self._axis, self.gamma, self.beta, self.epsilon)
+        axis = self._channel_axis(inputs.shape.rank)
+        validation.built_sizes(inputs.shape, (axis,), (self._channels,), self)
+        outputs = ops.group_norm(inputs, self._groups, axis, self.gamma, self.beta, self.epsilon)
         return keras.ops.cast(outputs, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):

@@ -1,4 +1,7 @@
+import warnings
+
 import keras
+import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from kernorm import ops, validation
@@ -15,6 +18,9 @@ class LayerNormalization(keras.layers.Layer):
     with `mean` and the biased `var` taken over `axis`, and `gamma` and `beta`
     shaped like those axes. Training and inference compute the same thing, and
     the output for one sample never depends on the rest of the batch.
+
+    The layer accepts any input rank whose normalized axes have the sizes it
+    was built with, and ragged inputs whose normalized axes are uniform.
 
     Unlike Keras's layer, the result is computed in the centred form
     `(x - mean) * rsqrt(var + eps)`, which keeps its precision for inputs with
@@ -33,10 +39,17 @@ class LayerNormalization(keras.layers.Layer):
         gamma_regularizer: optional regularizer for `gamma`.
         beta_constraint: optional constraint for `beta`.
         gamma_constraint: optional constraint for `gamma`.
+        rms_scaling: deprecated, as in Keras: if True, `center` is ignored and
+            the output is `gamma * x / sqrt(var(x) + epsilon)`, scaled by the
+            variance without centring. Use `kernorm.RMSNormalization` for RMS
+            normalization.
         **kwargs: base layer arguments such as `name` and `dtype`.
 
     Call arguments:
-        inputs: a float tensor of any rank.
+        inputs: a float tensor of any rank, or a `tf.RaggedTensor` whose
+            normalized axes are uniform. Under a mixed precision policy, float32
+            inputs are normalized as they are (not cast down first) and the
+            output has the compute dtype.
 
     Example:
 
@@ -61,9 +74,13 @@ class LayerNormalization(keras.layers.Layer):
         gamma_constraint=None,
         **kwargs,
     ):
-        # Keras configs carry a deprecated `rms_scaling`; only its default is meaningful.
-        if kwargs.pop("rms_scaling", False):
-            raise ValueError("`rms_scaling=True` is not supported: use kernorm.RMSNormalization instead.")
+        rms_scaling = kwargs.pop("rms_scaling", False)
+        if rms_scaling:
+            warnings.warn(
+                "`rms_scaling=True` is deprecated, as in Keras: it scales the inputs by their variance, "
+                "not their root mean square. Use kernorm.RMSNormalization for RMS normalization.",
+                stacklevel=2,
+            )
         super().__init__(**kwargs)
         self.axis = validation.axis_argument(axis)
         self.epsilon = validation.non_negative(epsilon, "epsilon")
@@ -75,31 +92,40 @@ class LayerNormalization(keras.layers.Layer):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
+        self.rms_scaling = bool(rms_scaling)
         self.supports_masking = True
+        # Float32 inputs are normalized as they are under a mixed policy: cast
+        # down to float16 first, values beyond 65504 would overflow.
+        self.autocast = False
         self.gamma = None
         self.beta = None
 
     def build(self, input_shape):
-        self._axes = validation.canonical_axes(self.axis, len(input_shape))
-        shape = validation.known_sizes(input_shape, self._axes, self)
-        if self.scale:
+        axes = validation.canonical_axes(self.axis, len(input_shape))
+        shape = validation.known_sizes(input_shape, axes, self)
+        self._sizes = shape
+        if self.scale or self.rms_scaling:
             self.gamma = self.add_weight(
                 shape=shape, name="gamma", initializer=self.gamma_initializer,
                 regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
                 dtype=ops.stats_dtype(self.variable_dtype),
             )
-        if self.center:
+        if self.center and not self.rms_scaling:
             self.beta = self.add_weight(
                 shape=shape, name="beta", initializer=self.beta_initializer,
                 regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
                 dtype=ops.stats_dtype(self.variable_dtype),
             )
-        self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes=dict(zip(self._axes, shape)))
 
     def call(self, inputs):
         validation.float_inputs(inputs, self)
-        outputs = ops.layer_norm(inputs, self._axes, self.gamma, self.beta, self.epsilon)
-        return keras.ops.cast(outputs, self.compute_dtype)
+        axes = validation.canonical_axes(self.axis, inputs.shape.rank)
+        validation.built_sizes(inputs.shape, axes, self._sizes, self)
+
+        def normalize(values, axes):
+            return ops.layer_norm(values, axes, self.gamma, self.beta, self.epsilon, self.rms_scaling)
+
+        return tf.cast(ops.on_flat_values(normalize, inputs, axes), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         validation.canonical_axes(self.axis, len(input_shape))
@@ -118,6 +144,8 @@ class LayerNormalization(keras.layers.Layer):
             "beta_constraint": constraints.serialize(self.beta_constraint),
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
         }
+        if self.rms_scaling:
+            config["rms_scaling"] = True
         return {**super().get_config(), **config}
 
 

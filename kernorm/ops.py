@@ -75,7 +75,9 @@ __all__ = [
     "layer_norm",
     "rms_norm",
     "group_norm",
+    "on_flat_values",
     "moving_average",
+    "where_counted",
     "renorm_correction",
 ]
 
@@ -99,6 +101,13 @@ def _count(x, axes):
     """Number of elements reduced over `axes`, as a tensor of x's dtype."""
     shape = tf.shape(x)
     return tf.cast(tf.reduce_prod(tf.gather(shape, list(axes))), x.dtype)
+
+
+def _batch_count(x, axes, dtype):
+    """Values per channel of an unmasked batch, where a single value counts as none:
+    its variance is 0, not a statistic, and must not reach the moving statistics."""
+    count = _count(tf.cast(x, dtype), axes)
+    return tf.where(count > 1, count, tf.zeros_like(count))
 
 
 def moments(x, axes, mask=None, synchronized=False, keepdims=True):
@@ -176,17 +185,18 @@ def normalize(x, mean, variance, gamma=None, beta=None, epsilon=1e-3):
     return tf.cast(outputs, x.dtype)
 
 
-def _standardize(x, axes, epsilon, centered, gamma, beta):
+def _standardize(x, axes, epsilon, centered, gamma, beta, xla_autodiff=True):
     """Normalizes `x` over `axes` and applies the affine, with a hand-written gradient.
 
     `gamma` and `beta` are None or broadcastable to `x` with the same rank. The
     backward pass recomputes the normalized values from `x`, `mean` and `rstd`
-    instead of keeping the intermediate tensors of the forward pass.
+    instead of keeping the intermediate tensors of the forward pass. Under XLA,
+    `_compiled_standardize` runs instead unless `xla_autodiff` is False.
 
     Returns `(outputs, mean, variance)`; mean and variance carry no gradient.
     """
     axes = list(axes)
-    if _in_xla_context():
+    if xla_autodiff and _in_xla_context():
         return _compiled_standardize(x, axes, epsilon, centered, gamma, beta)
     dtype = stats_dtype(x.dtype)
     input_dtype = x.dtype
@@ -321,7 +331,8 @@ def batch_norm(x, axes, gamma=None, beta=None, epsilon=1e-3, mask=None, synchron
         synchronized: reduce the statistics over all replicas.
 
     Returns:
-        `(outputs, mean, variance, count)`, statistics with kept dims.
+        `(outputs, mean, variance, count)`, statistics with kept dims. Without a
+        mask, a batch of one value per channel has `count` 0, as an empty one.
     """
     if mask is None and not synchronized and _channel_norm_path(x, axes, epsilon):
         channels = x.shape[-1]
@@ -330,21 +341,28 @@ def batch_norm(x, axes, gamma=None, beta=None, epsilon=1e-3, mask=None, synchron
             outputs, mean, variance = _fused_batch_norm(x, *vectors, float(epsilon))
             stats_shape = [1] * (x.shape.rank - 1) + [channels]
             mean, variance = tf.reshape(mean, stats_shape), tf.reshape(variance, stats_shape)
-            return outputs, mean, variance, _count(tf.cast(x, mean.dtype), axes)
+            return outputs, mean, variance, _batch_count(x, axes, mean.dtype)
     if mask is None and not synchronized:
         outputs, mean, variance = _standardize(x, axes, epsilon, True, gamma, beta)
-        return outputs, mean, variance, _count(tf.cast(x, mean.dtype), axes)
+        return outputs, mean, variance, _batch_count(x, axes, mean.dtype)
     shift, correction, variance, count = _shifted_moments(x, axes, mask, synchronized)
     centred = tf.cast(x, shift.dtype) - shift
     outputs = tf.cast(normalize(centred, correction, variance, gamma, beta, epsilon), x.dtype)
     return outputs, shift + correction, variance, count
 
 
-def layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-3):
-    """Normalizes each sample over `axes`; gamma and beta have shape `[x.shape[a] for a in axes]`."""
+def layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-3, rms_scaling=False):
+    """Normalizes each sample over `axes`; gamma and beta have shape `[x.shape[a] for a in axes]`.
+
+    `rms_scaling=True` is Keras's deprecated variant, `gamma * x * rsqrt(var(x) + epsilon)`:
+    scaled by the variance, not centred, and without beta.
+    """
+    ndim = x.shape.rank
+    if rms_scaling:
+        _, variance, _ = moments(x, axes)
+        return normalize(x, tf.zeros_like(variance), variance, _broadcast_param(gamma, ndim, axes), None, epsilon)
     if _row_norm_path(x, axes, gamma, beta):
         return _row_norm(x, axes, gamma, beta, epsilon, centered=True)
-    ndim = x.shape.rank
     gamma = _broadcast_param(gamma, ndim, axes)
     beta = _broadcast_param(beta, ndim, axes)
     return _standardize(x, axes, epsilon, True, gamma, beta)[0]
@@ -376,8 +394,27 @@ def group_norm(x, groups, axis, gamma=None, beta=None, epsilon=1e-3):
     param_shape[axis], param_shape[axis + 1] = groups, channels // groups
     gamma = None if gamma is None else tf.reshape(gamma, param_shape)
     beta = None if beta is None else tf.reshape(beta, param_shape)
-    outputs = _standardize(grouped, reduce_axes, epsilon, True, gamma, beta)[0]
+    # Under XLA, automatic differentiation of group norm's per-channel affine
+    # over a large-mean group loses the spread in the input gradient (XLA
+    # regroups the sums of deviations); the hand-written gradient keeps it.
+    outputs = _standardize(grouped, reduce_axes, epsilon, True, gamma, beta, xla_autodiff=False)[0]
     return tf.reshape(outputs, shape)
+
+
+def on_flat_values(function, x, axes):
+    """`function(x, axes)`, or for a `tf.RaggedTensor` the same on its flat values.
+
+    Every axis in `axes` must be a uniform axis of the ragged tensor, after its
+    ragged ones, so that each row normalized is a row of the flat values.
+    """
+    if not isinstance(x, tf.RaggedTensor):
+        return function(x, axes)
+    if min(axes) <= x.ragged_rank:
+        raise ValueError(
+            f"A ragged input can be normalized only over uniform axes, after its {x.ragged_rank} ragged "
+            f"one(s): the normalized axes {list(axes)} include a ragged axis of shape {x.shape}."
+        )
+    return x.with_flat_values(function(x.flat_values, [a - x.ragged_rank for a in axes]))
 
 
 def moving_average(moving, value, momentum, count=None):
@@ -388,7 +425,11 @@ def moving_average(moving, value, momentum, count=None):
     garbage into the moving statistics.
     """
     value = tf.cast(value, moving.dtype)
-    updated = moving * momentum + value * (1.0 - momentum)
+    return where_counted(count, moving * momentum + value * (1.0 - momentum), moving)
+
+
+def where_counted(count, updated, moving):
+    """`updated` where some value was counted, else `moving` unchanged (see `moving_average`)."""
     if count is None:
         return updated
     count = tf.broadcast_to(tf.cast(count, moving.dtype), tf.shape(moving))

@@ -1,4 +1,5 @@
 import keras
+import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from kernorm import ops, validation
@@ -22,7 +23,11 @@ class RMSNormalization(keras.layers.Layer):
         **kwargs: base layer arguments such as `name` and `dtype`.
 
     Call arguments:
-        inputs: a float tensor of any rank.
+        inputs: a float tensor of any rank whose normalized axes have the sizes
+            the layer was built with, or a `tf.RaggedTensor` whose normalized
+            axes are uniform. Under a mixed precision policy, float32 inputs are
+            normalized as they are (not cast down first) and the output has the
+            compute dtype.
 
     Example:
 
@@ -49,21 +54,28 @@ class RMSNormalization(keras.layers.Layer):
         self.scale_regularizer = regularizers.get(scale_regularizer)
         self.scale_constraint = constraints.get(scale_constraint)
         self.supports_masking = True
+        # Float32 inputs are normalized as they are under a mixed policy (see LayerNormalization).
+        self.autocast = False
 
     def build(self, input_shape):
-        self._axes = validation.canonical_axes(self.axis, len(input_shape))
-        shape = validation.known_sizes(input_shape, self._axes, self)
+        axes = validation.canonical_axes(self.axis, len(input_shape))
+        shape = validation.known_sizes(input_shape, axes, self)
+        self._sizes = shape
         self.scale = self.add_weight(
             shape=shape, name="scale", initializer=self.scale_initializer,
             regularizer=self.scale_regularizer, constraint=self.scale_constraint, autocast=False,
             dtype=ops.stats_dtype(self.variable_dtype),
         )
-        self.input_spec = keras.layers.InputSpec(ndim=len(input_shape), axes=dict(zip(self._axes, shape)))
 
     def call(self, inputs):
         validation.float_inputs(inputs, self)
-        outputs = ops.rms_norm(inputs, self._axes, self.scale, self.epsilon)
-        return keras.ops.cast(outputs, self.compute_dtype)
+        axes = validation.canonical_axes(self.axis, inputs.shape.rank)
+        validation.built_sizes(inputs.shape, axes, self._sizes, self)
+
+        def normalize(values, axes):
+            return ops.rms_norm(values, axes, self.scale, self.epsilon)
+
+        return tf.cast(ops.on_flat_values(normalize, inputs, axes), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         validation.canonical_axes(self.axis, len(input_shape))

@@ -12,12 +12,15 @@ import tensorflow as tf
 def axis_argument(axis):
     """Validates an `axis` constructor argument: an int or a list/tuple of ints."""
     if isinstance(axis, bool) or not isinstance(axis, (numbers.Integral, list, tuple)):
-        raise TypeError(f"Expected `axis` to be an int or a list of ints. Received: axis={axis!r}")
+        raise TypeError(
+            f"Expected an int or a list/tuple of ints for the argument 'axis' (`axis`). Received: axis={axis!r}"
+        )
     if isinstance(axis, numbers.Integral):
         return int(axis)
     if not axis or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axis):
         raise TypeError(
-            f"Expected `axis` to be an int or a non-empty list of ints. Received: axis={axis!r}"
+            "Expected an int or a non-empty list/tuple of ints for the argument 'axis' (`axis`). "
+            f"Received: axis={axis!r}"
         )
     return [int(a) for a in axis]
 
@@ -80,10 +83,21 @@ def known_sizes(input_shape, axes, layer):
     sizes = tuple(input_shape[a] for a in axes)
     if any(size is None for size in sizes):
         raise ValueError(
-            f"Layer '{layer.name}' needs a known size on the normalized axes {list(axes)}. "
-            f"Received: input_shape={tuple(input_shape)}"
+            f"Layer '{layer.name}' needs a known size on the normalized axes {list(axes)}: the input "
+            "tensor should have a defined dimension but the layer received an input with shape "
+            f"{tuple(input_shape)}."
         )
     return sizes
+
+
+def built_sizes(input_shape, axes, sizes, layer):
+    """Checks that an input of any rank has the sizes the layer was built with on `axes`."""
+    for axis, size in zip(axes, sizes):
+        if input_shape[axis] is not None and input_shape[axis] != size:
+            raise ValueError(
+                f"Layer '{layer.name}' expected axis {axis} of input shape to have value {size}, "
+                f"but received input with shape {tuple(input_shape)}: its weights were built for that size."
+            )
 
 
 def broadcast_mask(mask, inputs):

@@ -89,10 +89,3 @@ def test_zero_variance_input_gives_beta(rng):
     x = np.full((2, 5), 7.0, "float32")
     np.testing.assert_allclose(layer(x), np.broadcast_to(layer.beta.numpy(), (2, 5)), atol=1e-6)
 
-
-def test_keras_rms_scaling_config_key():
-    """Keras configs carry `rms_scaling`; its default loads, the removed behaviour is refused by name."""
-    config = keras.layers.LayerNormalization().get_config()
-    assert isinstance(kernorm.LayerNormalization.from_config(config), kernorm.LayerNormalization)
-    with pytest.raises(ValueError, match="rms_scaling"):
-        kernorm.LayerNormalization(rms_scaling=True)
