@@ -7,6 +7,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from kernorm import ops  # noqa: E402
 from kernorm.add_norm import AddNorm  # noqa: E402
 from kernorm.batch_normalization import BatchNorm, BatchNormalization  # noqa: E402
+from kernorm.folding import fold_batch_norm, recalibrate_batch_norm  # noqa: E402
 from kernorm.group_normalization import GroupNorm, GroupNormalization  # noqa: E402
 from kernorm.layer_normalization import LayerNorm, LayerNormalization  # noqa: E402
 from kernorm.registry import get_norm, norm_names  # noqa: E402
@@ -24,7 +25,9 @@ __all__ = [
     "LayerNormalization",
     "RMSNorm",
     "RMSNormalization",
+    "fold_batch_norm",
     "get_norm",
     "norm_names",
     "ops",
+    "recalibrate_batch_norm",
 ]

@@ -143,9 +143,8 @@ class LayerNormalization(keras.layers.Layer):
             "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
             "beta_constraint": constraints.serialize(self.beta_constraint),
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "rms_scaling": self.rms_scaling,
         }
-        if self.rms_scaling:
-            config["rms_scaling"] = True
         return {**super().get_config(), **config}
 
 

@@ -161,7 +161,9 @@ class Data:
         train: `(input, label)` batches, shuffled each epoch.
         validation: `(input, label)` batches, in order.
         validation_split: the split `validation` reads ("test" or "validation").
-        train_examples, validation_examples: examples per epoch in each.
+        train_examples, validation_examples: examples in each split.
+        train_steps: training batches per epoch: whole batches only, the
+            remainder dropped (one smaller batch if there is less than one).
         num_classes: from the dataset's ClassLabel.
         class_names: the label names.
         input_shape: one example as the model sees it: (H, W, C) for images,
@@ -179,6 +181,7 @@ class Data:
     validation_split: str
     train_examples: int
     validation_examples: int
+    train_steps: int
     num_classes: int
     class_names: list
     input_shape: tuple
@@ -314,7 +317,9 @@ def load(
         # stateful op would repeat the same crops every epoch.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         train = tf.data.Dataset.zip(train, seeds).map(_augment_fn(input_shape), num_parallel_calls=tf.data.AUTOTUNE)
-    train = train.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    # Whole batches only (unless there is less than one): a last batch of a single
+    # example would stop batch norm's training step, and a small one skews its statistics.
+    train = train.batch(batch_size, drop_remainder=train_examples >= batch_size).prefetch(tf.data.AUTOTUNE)
     validation = validation.cache().batch(batch_size).prefetch(tf.data.AUTOTUNE)
     return Data(
         name=name,
@@ -324,6 +329,7 @@ def load(
         validation_split=validation_split,
         train_examples=train_examples,
         validation_examples=validation_examples,
+        train_steps=max(1, train_examples // batch_size),
         num_classes=label.num_classes,
         class_names=list(label.names),
         input_shape=input_shape,

@@ -28,7 +28,6 @@ import argparse  # noqa: E402
 import csv  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -353,7 +352,7 @@ class Throughput(keras.callbacks.Callback):
 
 
 def _train(args, run, data, train_model, serving_model, from_logits, extra_callbacks, started):
-    steps_per_epoch = math.ceil(data.train_examples / args.batch_size)
+    steps_per_epoch = data.train_steps
     train_model.compile(
         optimizer=_optimizer(args, steps_per_epoch * args.epochs),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
@@ -418,7 +417,8 @@ def _train(args, run, data, train_model, serving_model, from_logits, extra_callb
         "train_examples": data.train_examples,
         "validation_examples": data.validation_examples,
         "examples_per_second": (
-            round(ran * data.train_examples / throughput.train_seconds, 1) if throughput.train_seconds else None
+            round(ran * min(data.train_examples, data.train_steps * args.batch_size) / throughput.train_seconds, 1)
+            if throughput.train_seconds else None
         ),
         "train_seconds": round(throughput.train_seconds, 3),
         "wall_time_seconds": round(time.perf_counter() - started, 3),

@@ -36,12 +36,24 @@ def test_image_pipeline_takes_shape_and_classes_from_the_dataset_info(mock_tfds,
     assert data.input_name == "image"
     assert data.train_examples == MOCK_EXAMPLES
     batches = _epoch(data.train)
-    assert [len(y) for _, y in batches] == [10, 10, 4]
+    # Whole batches only: the remainder of 4 is dropped, and validation keeps every example.
+    assert [len(y) for _, y in batches] == [10, 10] and data.train_steps == 2
+    assert [len(y) for _, y in _epoch(data.validation)] == [10, 10, 4]
     images, labels = batches[0]
     assert images.dtype == np.uint8 and images.shape == (10, *shape)
     assert labels.dtype == np.int64 and labels.min() >= 0 and labels.max() < classes
     spec = data.serving_spec()
     assert (spec.name, spec.dtype, spec.shape.as_list()) == ("image", tf.uint8, [None, *shape])
+
+
+@pytest.mark.parametrize("examples, batch_size, sizes", [(21, 10, [10, 10]), (5, 64, [5]), (20, 10, [10, 10])])
+def test_training_batches_are_whole(mock_tfds, examples, batch_size, sizes):
+    """A last batch of one example would stop batch norm's training step: the remainder is dropped,
+    unless there is less than one batch, which is kept."""
+    data = datalib.load("mnist", batch_size=batch_size, max_train_examples=examples, augment=False)
+    for _ in range(2):
+        assert [len(y) for _, y in _epoch(data.train)] == sizes
+    assert data.train_steps == len(sizes)
 
 
 def test_max_train_examples_keeps_the_first_examples(mock_tfds):
