@@ -13,6 +13,10 @@ from kernorm.layer_normalization import LayerNorm, LayerNormalization  # noqa: E
 from kernorm.registry import get_norm, norm_names  # noqa: E402
 from kernorm.rms_normalization import RMSNorm, RMSNormalization  # noqa: E402
 
+# The zoo's layers register themselves on import, so that `import kernorm` alone loads any
+# `.keras` file kernorm or its zoo wrote. The zoo imports no data pipeline (TFDS) to do it.
+from kernorm import models  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -27,6 +31,7 @@ __all__ = [
     "RMSNormalization",
     "fold_batch_norm",
     "get_norm",
+    "models",
     "norm_names",
     "ops",
     "recalibrate_batch_norm",
