@@ -59,6 +59,7 @@ numbers, see tests/test_fast_paths.py):
 """
 
 import math
+import os
 
 import tensorflow as tf
 
@@ -68,6 +69,8 @@ except ImportError:  # pragma: no cover
     control_flow_util = None
 
 __all__ = [
+    "set_fast_paths",
+    "fast_paths_enabled",
     "stats_dtype",
     "moments",
     "normalize",
@@ -196,7 +199,7 @@ def _standardize(x, axes, epsilon, centered, gamma, beta, xla_autodiff=True):
     Returns `(outputs, mean, variance)`; mean and variance carry no gradient.
     """
     axes = list(axes)
-    if xla_autodiff and _in_xla_context():
+    if xla_autodiff and _fast_paths and _in_xla_context():
         return _compiled_standardize(x, axes, epsilon, centered, gamma, beta)
     dtype = stats_dtype(x.dtype)
     input_dtype = x.dtype
@@ -473,6 +476,29 @@ _XLA_LARGE_MEAN = 4.0
 
 _has_gpu = None
 
+# The one switch for every fast path (the kernel paths below and the XLA path of
+# `_standardize`); see `set_fast_paths`.
+_fast_paths = os.environ.get("KERNORM_FAST_PATHS", "1") != "0"
+
+
+def set_fast_paths(enabled):
+    """Turns every fast path on or off; returns the previous setting.
+
+    Off, every function runs the generic code (`moments`, `normalize`, and the
+    hand-written gradient of the standardization), which the fast paths must
+    match: for debugging, and for comparing a fast path with the reference. A
+    `tf.function` keeps the paths it was traced with. The environment variable
+    `KERNORM_FAST_PATHS=0` starts a process with them off.
+    """
+    global _fast_paths
+    previous, _fast_paths = _fast_paths, bool(enabled)
+    return previous
+
+
+def fast_paths_enabled():
+    """Whether the fast paths are on (see `set_fast_paths`)."""
+    return _fast_paths
+
 
 def _in_xla_context():
     """Whether ops are being traced for XLA: `tf.function(jit_compile=True)` or a function inside one."""
@@ -494,7 +520,7 @@ def _kernel_path(x, under_xla=False):
     """Whether `x` can take the TensorFlow kernel paths: a float16/bfloat16/float32 tensor outside
     XLA, or also under XLA for a kernel that XLA compiles well (`under_xla`)."""
     return (
-        tf.is_tensor(x) and x.dtype in _KERNEL_DTYPES and x.shape.rank is not None and x.shape.rank >= 1
+        _fast_paths and tf.is_tensor(x) and x.dtype in _KERNEL_DTYPES and x.shape.rank is not None and x.shape.rank >= 1
         and (under_xla or not _in_xla_context())
     )
 

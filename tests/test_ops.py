@@ -274,3 +274,26 @@ def test_renorm_correction(clipping, rng):
         expected_d = np.clip(expected_d, -clipping["dmax"], clipping["dmax"])
     ref.assert_close(r, expected_r, TOLERANCE)
     ref.assert_close(d, expected_d, TOLERANCE)
+
+
+def test_the_fast_path_switch_turns_every_kernel_path_off(rng):
+    """With the switch off, training batch norm runs the generic code: no fused kernel in its graph, same numbers."""
+    x = rng.normal(1.0, 2.0, (4, 3, 3, 8)).astype("float32")
+
+    def op_types(x):
+        graph = tf.function(lambda x: ops.batch_norm(x, [0, 1, 2])[0]).get_concrete_function(x).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert ops.fast_paths_enabled()
+    assert "FusedBatchNormV3" in op_types(x)
+    previous = ops.set_fast_paths(False)
+    try:
+        assert previous is True and not ops.fast_paths_enabled()
+        assert not {"FusedBatchNormV3", "FusedBatchNormGradV3"} & op_types(x)
+        generic = ops.batch_norm(tf.constant(x), [0, 1, 2])[0]
+    finally:
+        ops.set_fast_paths(previous)
+    fast = ops.batch_norm(tf.constant(x), [0, 1, 2])[0]
+    expected = ref.batch_norm(x, -1)[0]
+    ref.assert_close(generic, expected, 1e-6, "generic")
+    ref.assert_close(fast, expected, 1e-6, "fast")
