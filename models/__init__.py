@@ -12,6 +12,13 @@ name normalizes over in CNNs, MLPs and Transformers.
 
 from .cnn import convnet, mlp
 from .norms import TokenGroupNormalization
+from .recurrent import (
+    MaskedRNN,
+    NormalizedGRUCell,
+    NormalizedLSTMCell,
+    RecurrentBatchNormalization,
+    rnn_classifier,
+)
 from .registry import get, names
 from .resnet import ChannelPadShortcut, resnet
 from .transformer import (
@@ -33,9 +40,13 @@ __all__ = [
     "ClassToken",
     "FeedForward",
     "MaskedGlobalAveragePooling1D",
+    "MaskedRNN",
+    "NormalizedGRUCell",
+    "NormalizedLSTMCell",
     "PaddingMask",
     "PatchEmbedding",
     "PositionEmbedding",
+    "RecurrentBatchNormalization",
     "SelectToken",
     "SelfAttention",
     "TokenGroupNormalization",
@@ -45,6 +56,7 @@ __all__ = [
     "mlp",
     "names",
     "resnet",
+    "rnn_classifier",
     "transformer_classifier",
     "vit",
 ]

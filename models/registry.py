@@ -3,6 +3,7 @@
 import functools
 
 from .cnn import convnet, mlp
+from .recurrent import rnn_classifier
 from .resnet import resnet
 from .transformer import transformer_classifier, vit
 
@@ -43,6 +44,11 @@ _REGISTRY = {
         name="transformer_small",
     ),
     **{key: _entry(_vit, _IMAGENET, **config, name=key) for key, config in _VIT_CONFIGS.items()},
+    "lstm_tiny": _entry(rnn_classifier, _TEXT, cell="lstm", units=64, dropout=0.1, name="lstm_tiny"),
+    "gru_tiny": _entry(rnn_classifier, _TEXT, cell="gru", units=64, dropout=0.1, name="gru_tiny"),
+    "bilstm_tiny": _entry(
+        rnn_classifier, _TEXT, cell="lstm", units=64, bidirectional=True, dropout=0.1, name="bilstm_tiny"
+    ),
 }
 
 
@@ -62,7 +68,8 @@ def get(name, /, **overrides):
     Args:
         name: one of `names()`: "mlp", "convnet", "resnet20" ... "resnet110"
             (CIFAR), "resnet18" ... "resnet152" (ImageNet), "transformer_tiny",
-            "transformer_small", "vit_tiny", "vit_small", "vit_base".
+            "transformer_small", "vit_tiny", "vit_small", "vit_base", "lstm_tiny",
+            "gru_tiny", "bilstm_tiny".
         **overrides: builder arguments replacing the configuration's, e.g.
             `input_shape=(32, 32, 3), num_classes=10, norm="group",
             norm_kwargs={"epsilon": 1e-5}` for image models, or `vocab_size`,
