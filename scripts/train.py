@@ -13,8 +13,14 @@ The run folder (--out) holds:
     saved_model/           the same model exported for TF Serving: signature serving_default, one named
                            input ("image", or the dataset's text feature, "sentence" for SST-2) and one
                            output, "probabilities"
+    model.tflite           with --tflite: the export converted to TFLite (runs in LiteRT)
+    model.onnx             with --onnx: the export converted to ONNX by tf2onnx (runs in ONNX Runtime)
+    vocabulary.json        text only: the tokens and how text becomes token ids, for runtimes without strings
     metrics.json           final loss and accuracy (train and validation), examples/second, wall time and
                            every argument; written last, so its presence means the run is complete
+
+The exports fold batch norm into the convolution or Dense layer before it (kernorm.fold_batch_norm) unless
+--no-fold-batch-norm; --recalibrate-batch-norm STEPS first recomputes its statistics (precise BN).
 
 An existing run folder is refused unless --resume (continue it) or --overwrite (start again) is given.
 Bad names exit with status 2 before any folder is created.
@@ -142,6 +148,23 @@ def build_parser():
         default=datalib.DEFAULT_SEQUENCE_LENGTH,
         help="text: tokens per example",
     )
+    parser.add_argument(
+        "--fold-batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fold batch norm into the convolution or Dense layer before it in the exports (default: on)",
+    )
+    parser.add_argument(
+        "--recalibrate-batch-norm",
+        type=_positive_int,
+        default=None,
+        metavar="STEPS",
+        help="before the export, recompute the batch-norm statistics over STEPS training batches (precise BN)",
+    )
+    parser.add_argument("--tflite", action="store_true", help="also write model.tflite, for TFLite / LiteRT")
+    parser.add_argument(
+        "--onnx", action="store_true", help="also write model.onnx, for ONNX Runtime (needs tf2onnx: kernorm[onnx])"
+    )
     parser.add_argument("--out", required=True, help="the run folder")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
@@ -165,6 +188,8 @@ def main(argv=None, callbacks=()):
     _check_run_folder(parser, run, args)
     if importlib.util.find_spec("tensorboard") is None:
         parser.error("the TensorBoard callback needs the tensorboard package: pip install tensorboard")
+    if args.onnx and importlib.util.find_spec("tf2onnx") is None:
+        parser.error("--onnx needs the tf2onnx package: pip install 'kernorm[onnx]'")
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(args.seed)
@@ -398,9 +423,10 @@ def _train(args, run, data, train_model, serving_model, from_logits, extra_callb
     history = _read_history(history_path)
     if not history:
         raise RuntimeError(f"{history_path} has no finished epoch")
-    _save_keras_atomically(serving_model, run / "model.keras")
-    export_saved_model(serving_model, data.serving_spec(), run / "saved_model")
     last = history[-1]
+    recalibration = _recalibrate(args, data, train_model, last) if args.recalibrate_batch_norm else None
+    _save_keras_atomically(serving_model, run / "model.keras")
+    exported = _export(args, run, data, train_model, serving_model, from_logits)
     ran = len(throughput.epochs)
     metrics = {
         "model": args.model,
@@ -429,6 +455,8 @@ def _train(args, run, data, train_model, serving_model, from_logits, extra_callb
             "dtype": data.serving_spec().dtype.name,
             "shape": [-1 if d is None else d for d in data.serving_spec().shape.as_list()],
         },
+        "recalibrate_batch_norm": recalibration,
+        "export": exported,
         "args": vars(args),
         "versions": {
             "kernorm": kernorm.__version__,
@@ -455,23 +483,141 @@ def _read_history(path):
     return [{key: int(value) if key == "epoch" else float(value) for key, value in row.items()} for row in rows]
 
 
-def export_saved_model(model, spec, path):
+def _recalibrate(args, data, train_model, last):
+    """Precise BN over --recalibrate-batch-norm training batches; returns what metrics.json records,
+    with the validation loss and accuracy before (the last epoch's) and after."""
+    print(f"recalibrating batch norm over {args.recalibrate_batch_norm} training batches", flush=True)
+    result = kernorm.recalibrate_batch_norm(train_model, data.train, steps=args.recalibrate_batch_norm)
+    after = train_model.evaluate(data.validation, verbose=0, return_dict=True) if result["layers"] else {}
+    return {
+        **result,
+        "val_loss_before": last["val_loss"],
+        "val_accuracy_before": last["val_accuracy"],
+        "val_loss_after": after.get("loss", last["val_loss"]),
+        "val_accuracy_after": after.get("accuracy", last["val_accuracy"]),
+    }
+
+
+def _export(args, run, data, train_model, serving_model, from_logits):
+    """Writes saved_model/ and, as asked, model.tflite, model.onnx and vocabulary.json; returns what
+    metrics.json records about them.
+
+    Batch norm is folded unless --no-fold-batch-norm. A text export also has the signature
+    `tokens`, over token ids: TFLite and ONNX have no string ops, so they convert that one.
+    """
+    norms_before = _batch_norm_count(serving_model)
+    signatures = {}
+    if data.task == "text":
+        head = keras.layers.Softmax if from_logits else keras.layers.Identity
+        tokens = keras.Model(
+            train_model.inputs[0], head(dtype="float32", name="probabilities")(train_model.outputs[0]), name=args.model
+        )
+        tokens = kernorm.fold_batch_norm(tokens) if args.fold_batch_norm else tokens
+        raw = data.serving_input()
+        model = keras.Model(raw, tokens(data.vectorizer(raw)), name=args.model)
+        token_spec = tf.TensorSpec((None, data.sequence_length), tf.int32, name=tokens.inputs[0].name)
+        signatures[TOKEN_SIGNATURE] = (tokens, token_spec)
+        converted = TOKEN_SIGNATURE
+    else:
+        model = kernorm.fold_batch_norm(serving_model) if args.fold_batch_norm else serving_model
+        converted = "serving_default"
+    export_saved_model(model, data.serving_spec(), run / "saved_model", signatures)
+    files = ["saved_model"]
+    if args.tflite or args.onnx:
+        # Converted from an export traced with kernorm's fast paths off: plain ops, which TFLite and
+        # ONNX have (the fast paths use kernels such as EuclideanNorm that they lack).
+        with tempfile.TemporaryDirectory(prefix=_TEMP_PREFIX + "portable-", dir=run) as portable:
+            previous = kernorm.ops.set_fast_paths(False)
+            try:
+                export_saved_model(model, data.serving_spec(), pathlib.Path(portable) / "saved_model", signatures)
+            finally:
+                kernorm.ops.set_fast_paths(previous)
+            source = str(pathlib.Path(portable) / "saved_model")
+            if args.tflite:
+                converter = tf.lite.TFLiteConverter.from_saved_model(source, signature_keys=[converted])
+                _write_atomically(run / "model.tflite", converter.convert())
+                files.append("model.tflite")
+            if args.onnx:
+                _write_onnx(source, converted, run / "model.onnx")
+                files.append("model.onnx")
+    if data.task == "text":
+        _write_json(run / "vocabulary.json", _vocabulary(data, token_spec))
+        files.append("vocabulary.json")
+    return {
+        "fold_batch_norm": args.fold_batch_norm,
+        "batch_norms_folded": norms_before - _batch_norm_count(model),
+        "signatures": sorted(["serving_default", *signatures]),
+        "converted_signature": converted if args.tflite or args.onnx else None,
+        "files": files,
+    }
+
+
+TOKEN_SIGNATURE = "tokens"
+# Opset 17 runs in ONNX Runtime 1.13 and later.
+ONNX_OPSET = 17
+
+
+def _batch_norm_count(model):
+    return sum(isinstance(layer, kernorm.folding.BATCH_NORMS) for layer in model._flatten_layers())
+
+
+def _vocabulary(data, token_spec):
+    """What vocabulary.json holds: the tokens (index = token id) and how the export turns text into ids,
+    so that a runtime without string ops can do it (scripts/predict.py does)."""
+    config = data.vectorizer.get_config()
+    return {
+        "input": data.input_name,
+        "signature": TOKEN_SIGNATURE,
+        "token_input": token_spec.name,
+        "sequence_length": data.sequence_length,
+        "standardize": config["standardize"],
+        "split": config["split"],
+        "padding_id": 0,
+        "oov_id": 1,
+        "tokens": [str(token) for token in data.vectorizer.get_vocabulary()],
+    }
+
+
+def _write_onnx(saved_model, signature, path):
+    """Converts `signature` of the SavedModel to ONNX with tf2onnx, atomically."""
+    import tf2onnx  # optional: kernorm[onnx]
+
+    loaded = tf.saved_model.load(str(saved_model))  # kept: the signature's variables die with it
+    function = loaded.signatures[signature]
+    specs = [
+        tf.TensorSpec(spec.shape, spec.dtype, name=name)
+        for name, spec in function.structured_input_signature[1].items()
+    ]
+    proto, _ = tf2onnx.convert.from_function(tf.function(function), input_signature=specs, opset=ONNX_OPSET)
+    _write_atomically(path, proto.SerializeToString())
+
+
+def _probabilities(model):
+    return lambda inputs: {"probabilities": model(inputs, training=False)}
+
+
+def _write_atomically(path, content):
+    staging = path.with_name(_TEMP_PREFIX + path.name)
+    staging.write_bytes(content)
+    os.replace(staging, path)
+
+
+def export_saved_model(model, spec, path, signatures=None):
     """Exports `model` as a SavedModel at `path`, atomically.
 
     The signature `serving_default` takes one input named `spec.name` and
-    returns `{"probabilities": ...}`. It is written into a temporary folder
-    next to `path` and renamed into place, so `path` is either the old
+    returns `{"probabilities": ...}`; `signatures` maps more signature names to
+    `(model, spec)` pairs of the same kind. It is written into a temporary
+    folder next to `path` and renamed into place, so `path` is either the old
     complete export, the new complete one, or (for an instant) absent.
     """
     path = pathlib.Path(path)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX + path.name + "-", dir=path.parent))
     archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        name="serving_default",
-        fn=lambda inputs: {"probabilities": model(inputs, training=False)},
-        input_signature=[spec],
-    )
+    endpoints = {"serving_default": (model, spec), **(signatures or {})}
+    for name, (endpoint_model, endpoint_spec) in endpoints.items():
+        archive.track(endpoint_model)
+        archive.add_endpoint(name=name, fn=_probabilities(endpoint_model), input_signature=[endpoint_spec])
     archive.write_out(str(staging), verbose=False)
     if path.exists():
         old = staging.with_name(staging.name + "-old")
