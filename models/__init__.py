@@ -3,6 +3,7 @@
     from kernorm import models
     model = models.resnet(20, (32, 32, 3), 10, norm="group")
     model = models.get("vit_tiny", input_shape=(32, 32, 3), num_classes=10, norm="batch")
+    model = models.from_torchvision("resnet50", state_dict)  # pretrained weights
 
 Every builder returns a functional `keras.Model` and takes `norm=` (a name from
 `kernorm.norm_names()`, a Layer class, a callable returning a layer, a Keras
@@ -10,7 +11,9 @@ config dict, or None) and `norm_kwargs=`. `kernorm.models.norms` says what each
 name normalizes over in CNNs, MLPs and Transformers.
 """
 
+from . import convert
 from .cnn import convnet, mlp
+from .convert import from_timm, from_torchvision
 from .norms import TokenGroupNormalization
 from .recurrent import (
     MaskedRNN,
@@ -51,7 +54,10 @@ __all__ = [
     "SelfAttention",
     "TokenGroupNormalization",
     "TransformerEncoderBlock",
+    "convert",
     "convnet",
+    "from_timm",
+    "from_torchvision",
     "get",
     "mlp",
     "names",

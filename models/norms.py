@@ -152,6 +152,18 @@ def make_token_norm(norm, features, norm_kwargs=None, name=None):
     return get_norm(spec, **_kwargs(kwargs, name))
 
 
+def with_default_epsilon(norm, norm_kwargs, epsilon):
+    """`norm_kwargs` with `epsilon` added for a norm given by name, unless it names its own.
+
+    The zoo's builders use it to follow their reference network's epsilon. A
+    norm given as a class, a callable or a config dict keeps its own defaults.
+    """
+    kwargs = _kwargs(norm_kwargs, None)
+    if norm_key(norm) not in (None, "none"):
+        kwargs.setdefault("epsilon", epsilon)
+    return kwargs
+
+
 def takes_mask(layer):
     """Whether `layer.call` accepts a `mask` argument (kernorm's BatchNormalization does)."""
     try:

@@ -15,6 +15,9 @@ IMAGENET_DEPTHS = {
 #: The CIFAR depths of He et al. 2016, Table 6. Any depth 6n + 2 builds.
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)
 BOTTLENECK_EXPANSION = 4
+#: The norms' epsilon unless `norm_kwargs` names one: batch norm's in torchvision
+#: (PyTorch's default for all its norm layers) and in He et al.'s Torch code.
+EPSILON = 1e-5
 
 
 def resnet(
@@ -45,8 +48,14 @@ def resnet(
       torchvision's "v1.5"), and shortcuts that change shape are a 1x1
       convolution and a norm (option B).
 
-    Every convolution followed by a norm has no bias. Depths 50 and 152 are
-    also 6n + 2: they build the ImageNet network unless `variant="cifar"`.
+    The conventions follow the reference networks, so that torchvision's
+    weights convert exactly (`kernorm.models.convert`): strided convolutions
+    pad `kernel_size // 2` on every side (Keras's "same" would pad (0, 1) on
+    even sizes and shift the sampling grid), the stem's max pool pads one
+    pixel on every side and ignores it (PyTorch's `padding=1`), and norms
+    given by name take `epsilon=1e-5` unless `norm_kwargs` sets one. Every
+    convolution followed by a norm has no bias. Depths 50 and 152 are also
+    6n + 2: they build the ImageNet network unless `variant="cifar"`.
 
     Args:
         depth: number of weighted layers, e.g. 20 or 50.
@@ -55,7 +64,8 @@ def resnet(
         norm: a name from `kernorm.norm_names()` (see `kernorm.models.norms`
             for what each normalizes over in a CNN), a Layer class, a callable
             returning a layer, a Keras config dict, or None.
-        norm_kwargs: dict of extra arguments for every norm layer.
+        norm_kwargs: dict of extra arguments for every norm layer; the
+            epsilon is 1e-5 (`EPSILON`) unless it names one.
         zero_init_residual: initialise the scale of the last norm of every
             residual block to zero, so that each block starts as the identity
             (Goyal et al. 2017).
@@ -82,6 +92,7 @@ def resnet(
         raise ValueError(f"Expected `shortcut` to be 'pad' or 'projection'. Received: shortcut={shortcut!r}")
     input_shape = common.image_shape(input_shape)
     base_filters = common.positive_int(base_filters or (16 if variant == "cifar" else 64), "base_filters")
+    norm_kwargs = norms.with_default_epsilon(norm, norm_kwargs, EPSILON)
     builder = _Builder(norm, norm_kwargs, activation, zero_init_residual, shortcut)
 
     inputs = keras.Input(input_shape, name="inputs")
@@ -90,7 +101,12 @@ def resnet(
         stages = [("basic", (depth - 2) // 6, base_filters * 2**i) for i in range(3)]
     else:
         x = builder.conv_norm_act(inputs, base_filters, 7, 2, "stem")
-        x = keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem_pool")(x)
+        # PyTorch's max pool (3, stride 2, padding 1) takes windows centred on
+        # pixels 0, 2, 4, ...: a stride-1 pool whose "same" padding is one
+        # ignored pixel on every side, subsampled. Zero padding would be exact
+        # only after a non-negative activation.
+        x = keras.layers.MaxPooling2D(3, strides=1, padding="same", name="stem_pool_window")(x)
+        x = keras.layers.MaxPooling2D(1, strides=2, name="stem_pool")(x)
         block, counts = IMAGENET_DEPTHS[depth]
         stages = [(block, count, base_filters * 2**i) for i, count in enumerate(counts)]
     for s, (block, count, filters) in enumerate(stages, start=1):
@@ -135,8 +151,13 @@ class _Builder:
             self.last_norm_kwargs = {**self.norm_kwargs, **_zero_scale(norm, self.norm_kwargs)}
 
     def conv(self, x, filters, kernel_size, stride, name):
+        padding = "same"
+        if stride > 1 and kernel_size > 1:
+            # The reference's symmetric padding; "same" pads (0, 1) on even sizes.
+            x = keras.layers.ZeroPadding2D(kernel_size // 2, name=f"{name}_pad")(x)
+            padding = "valid"
         return keras.layers.Conv2D(
-            filters, kernel_size, strides=stride, padding="same", use_bias=self.use_bias,
+            filters, kernel_size, strides=stride, padding=padding, use_bias=self.use_bias,
             kernel_initializer="he_normal", name=f"{name}_conv",
         )(x)
 

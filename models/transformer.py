@@ -15,6 +15,9 @@ from kernorm.add_norm import AddNorm
 
 from . import common, norms
 
+#: ViT's norm epsilon unless `norm_kwargs` names one: timm's, keras-hub's and
+#: big_vision's layer norm.
+VIT_EPSILON = 1e-6
 
 @keras.saving.register_keras_serializable(package="kernorm")
 class PaddingMask(keras.layers.Layer):
@@ -529,7 +532,10 @@ def vit(
     encoder blocks (see `TransformerEncoderBlock`), a final norm when
     `norm_first=True`, and a Dense head on the class token. The defaults are
     ViT-Ti/16; ViT-S is `d_model=384, num_heads=6, ff_dim=1536`, ViT-B
-    `d_model=768, num_heads=12, ff_dim=3072`.
+    `d_model=768, num_heads=12, ff_dim=3072`. The weights are those of timm's
+    `VisionTransformer` (one-to-one; `kernorm.models.convert.from_timm` loads
+    them), and norms given by name take timm's `epsilon=1e-6` unless
+    `norm_kwargs` sets one.
 
     Args:
         image_size: int or `(height, width)`; the patch size must divide both.
@@ -548,7 +554,8 @@ def vit(
             post-norm blocks (False).
         dropout: dropout rate on the embeddings, the attention probabilities
             and the sublayer outputs.
-        norm_kwargs: dict of extra arguments for every norm.
+        norm_kwargs: dict of extra arguments for every norm; the epsilon is
+            1e-6 (`VIT_EPSILON`) unless it names one.
         activation: the feed-forward activation.
         classifier_activation: activation of the head; None gives logits.
         input_shape: `(height, width, channels)`, instead of `image_size` and
@@ -573,6 +580,7 @@ def vit(
     if d_model % common.positive_int(num_heads, "num_heads"):
         raise ValueError(f"`num_heads`={num_heads} must divide `d_model`={d_model}.")
     num_patches = (height // patch_size) * (width // patch_size)
+    norm_kwargs = norms.with_default_epsilon(norm, norm_kwargs, VIT_EPSILON)
 
     images = keras.Input((height, width, common.positive_int(channels, "channels")), name="images")
     x = PatchEmbedding(patch_size, d_model, name="patch_embedding")(images)

@@ -165,6 +165,13 @@ def build_parser():
     parser.add_argument(
         "--onnx", action="store_true", help="also write model.onnx, for ONNX Runtime (needs tf2onnx: kernorm[onnx])"
     )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="MODEL.keras",
+        help="start from the weights of this .keras model of the same architecture (scripts/convert.py makes one "
+        "from pretrained weights); a head for another number of classes starts anew",
+    )
     parser.add_argument("--out", required=True, help="the run folder")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
@@ -270,6 +277,8 @@ def _build_models(parser, args, data):
         core = models.get(args.model, **kwargs)
     except (TypeError, ValueError) as error:
         parser.error(f"cannot build --model {args.model} for {data.task} dataset {args.dataset}: {error}")
+    if args.init_from:
+        _init_from(parser, core, args.init_from)
     expects_tokens = "int" in str(core.inputs[0].dtype)
     if expects_tokens != (data.task == "text"):
         parser.error(
@@ -291,6 +300,16 @@ def _build_models(parser, args, data):
     probabilities = head(dtype="float32", name="probabilities")(raw_outputs)
     serving_model = keras.Model(raw, probabilities, name=args.model)
     return train_model, serving_model, from_logits
+
+
+def _init_from(parser, core, path):
+    """Copies the weights of the .keras model at `path` into `core`, layer by layer (`convert.transfer_weights`)."""
+    try:
+        kept = models.convert.transfer_weights(keras.saving.load_model(path), core)
+    except (OSError, ValueError) as error:
+        parser.error(f"--init-from {path}: {error}")
+    if kept:
+        print(f"--init-from {path}: {', '.join(kept)} starts anew (another shape)", flush=True)
 
 
 def _ends_in_softmax(model):

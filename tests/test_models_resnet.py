@@ -102,6 +102,83 @@ def test_imagenet_resnet_structure():
     assert model.name == "resnet50"
 
 
+# Acceptance: the reference's padding (PyTorch's symmetric padding) and epsilon by default.
+
+def _windows(x, size, stride, padding, fill):
+    """(batch, out_h, out_w, channels, size, size) windows of NHWC `x` padded by `padding` on every side."""
+    x = np.pad(x.astype(np.float64), [(0, 0), (padding, padding), (padding, padding), (0, 0)], constant_values=fill)
+    return np.lib.stride_tricks.sliding_window_view(x, (size, size), axis=(1, 2))[:, ::stride, ::stride]
+
+
+def _conv_reference(x, kernel, stride, padding):
+    """PyTorch's conv2d (zero padding on every side), in float64, on NHWC inputs and HWIO kernels."""
+    return np.einsum("bhwcij,ijco->bhwo", _windows(x, kernel.shape[0], stride, padding, 0.0), kernel)
+
+
+def _max_pool_reference(x, size, stride, padding):
+    """PyTorch's max_pool2d: padded pixels never win."""
+    return _windows(x, size, stride, padding, -np.inf).max(axis=(-2, -1))
+
+
+@pytest.mark.parametrize("variant, size", [("imagenet", 64), ("imagenet", 66), ("cifar", 16), ("cifar", 15)])
+def test_strided_layers_pad_as_the_reference(variant, size, rng):
+    """Strided convolutions pad kernel_size // 2 on every side, and the stem pool pads one ignored pixel.
+
+    Keras's "same" pads (0, 1) on even sizes instead: the 3x3 stride-2 outputs would sit one pixel
+    off. A linear activation puts negative values next to the stem pool's padding, where zero
+    padding would win the max.
+    """
+    depth, stage, before = (18, 2, "stage1_block2_out") if variant == "imagenet" else (8, 2, "stage1_block1_out")
+    model = models.resnet(depth, (size, size, 3), NUM_CLASSES, base_filters=4, activation="linear", variant=variant)
+    names = [before, f"stage{stage}_block1_1_conv"]
+    if variant == "imagenet":
+        names += ["stem_conv", "stem_act", "stem_pool", f"stage{stage}_block1_shortcut_conv"]
+    probe = keras.Model(model.input, [model.get_layer(name).output for name in names])
+    x = rng.normal(size=(2, size, size, 3)).astype("float32")
+    outputs = dict(zip(names, [np.asarray(t) for t in probe(x, training=False)]))
+
+    def kernel(name):
+        return model.get_layer(name).kernel.numpy().astype(np.float64)
+
+    expected = {f"stage{stage}_block1_1_conv": _conv_reference(outputs[before], kernel(names[1]), 2, 1)}
+    if variant == "imagenet":
+        expected["stem_conv"] = _conv_reference(x, kernel("stem_conv"), 2, 3)
+        expected["stem_pool"] = _max_pool_reference(outputs["stem_act"], 3, 2, 1)
+        expected[f"stage{stage}_block1_shortcut_conv"] = _conv_reference(outputs[before], kernel(names[-1]), 2, 0)
+        assert outputs["stem_act"].min() < 0
+    for name, value in expected.items():
+        assert outputs[name].shape == value.shape, name
+        np.testing.assert_allclose(outputs[name], value, rtol=1e-4, atol=1e-4 * np.abs(value).max(), err_msg=name)
+
+
+def test_default_resnet50_has_the_references_conventions():
+    model = models.get("resnet50")
+    norms = [layer for layer in model.layers if isinstance(layer, kernorm.BatchNormalization)]
+    assert len(norms) == 53 and all(layer.epsilon == 1e-5 for layer in norms)
+    pads = {layer.name: layer.padding for layer in model.layers if isinstance(layer, keras.layers.ZeroPadding2D)}
+    assert pads == {
+        "stem_pad": ((3, 3), (3, 3)),
+        **{f"stage{s}_block1_2_pad": ((1, 1), (1, 1)) for s in (2, 3, 4)},
+    }
+    strided = [layer.name for layer in model.layers if getattr(layer, "strides", (1, 1)) != (1, 1)]
+    assert sorted(strided) == sorted(
+        ["stem_conv", "stem_pool", *[f"stage{s}_block1_{part}_conv" for s in (2, 3, 4) for part in ("2", "shortcut")]]
+    )
+    assert model.get_layer("stem_pool_window").padding == "same"
+    assert model.get_layer("stem_pool").output.shape == (None, 56, 56, 64)
+
+
+@pytest.mark.parametrize(
+    "norm, norm_kwargs, epsilon",
+    [("batch", {"epsilon": 1e-3}, 1e-3), ("group", None, 1e-5), (kernorm.BatchNormalization, None, 1e-3)],
+    ids=["user-wins", "other-names", "a-class-keeps-its-own"],
+)
+def test_epsilon_default(norm, norm_kwargs, epsilon):
+    model = models.resnet(8, (8, 8, 3), NUM_CLASSES, norm=norm, norm_kwargs=norm_kwargs)
+    epsilons = {layer.epsilon for layer in model.layers if hasattr(layer, "epsilon")}
+    assert epsilons == {epsilon}
+
+
 def test_channel_pad_shortcut(rng):
     layer = models.ChannelPadShortcut(6, 2)
     x = rng.normal(size=(2, 5, 5, 4)).astype("float32")

@@ -255,6 +255,16 @@ def test_vit_tiny_count():
     assert zoo_checks.trainable_count(models.vit(224, 16, 1000, norm="batch")) == 5_717_416
 
 
+def test_default_vit_tiny_has_timms_epsilon_and_count():
+    """Every layer norm of `models.get("vit_tiny")` has timm's epsilon, 1e-6; a user's epsilon wins."""
+    model = models.get("vit_tiny")
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, kernorm.LayerNormalization)]
+    assert len(norms) == 2 * 12 + 1 and {layer.epsilon for layer in norms} == {1e-6}
+    assert zoo_checks.trainable_count(model) == 5_717_416
+    custom = _vit_model("layer", num_layers=1, norm_kwargs={"epsilon": 1e-3})
+    assert {layer.epsilon for layer in custom._flatten_layers() if hasattr(layer, "epsilon")} == {1e-3}
+
+
 @pytest.mark.parametrize(
     "config, count",
     [
