@@ -236,6 +236,7 @@ def load(
     seed=0,
     vocab_size=DEFAULT_VOCAB_SIZE,
     sequence_length=DEFAULT_SEQUENCE_LENGTH,
+    download=None,
 ):
     """Builds the training and validation pipelines for a TFDS dataset.
 
@@ -251,6 +252,10 @@ def load(
         vocab_size: most tokens the text vectorizer keeps (with padding and
             out-of-vocabulary).
         sequence_length: token ids per text example (padded or truncated).
+        download: download and prepare a dataset missing from the data folder,
+            as `tfds.load` does. `None` means only when no folder was named
+            (neither `data_dir` nor `TFDS_DATA_DIR`): a named folder is only
+            read, never written.
 
     Returns:
         A `Data`.
@@ -261,6 +266,8 @@ def load(
         DatasetMissingError: the dataset is not prepared in the data folder;
             the message names the folder and `TFDS_DATA_DIR`.
     """
+    if download is None:
+        download = not (data_dir or os.environ.get("TFDS_DATA_DIR"))
     data_dir = data_dir or default_data_dir()
     dataset_builder = builder(name, data_dir)
     info = dataset_builder.info
@@ -277,7 +284,14 @@ def load(
         )
     validation_split = validation_split or "test"
 
-    train = _read(dataset_builder, "train", name, data_dir)
+    try:
+        train = _read(dataset_builder, "train", name, data_dir)
+    except DatasetMissingError:
+        if not download:
+            raise
+        _download(dataset_builder, name, data_dir)
+        arguments = dict(batch_size=batch_size, max_train_examples=max_train_examples, augment=augment, seed=seed)
+        return load(name, data_dir, **arguments, vocab_size=vocab_size, sequence_length=sequence_length, download=False)
     validation = _read(dataset_builder, validation_split, name, data_dir)
     if max_train_examples is not None:
         train = train.take(max_train_examples)
@@ -337,6 +351,18 @@ def load(
         vectorizer=vectorizer,
         data_dir=str(data_dir),
     )
+
+
+def _download(dataset_builder, name, data_dir):
+    print(f"Downloading and preparing {name} into {data_dir} (once; TFDS shows its progress).", flush=True)
+    try:
+        dataset_builder.download_and_prepare()
+    except Exception as error:  # noqa: BLE001 - any failure of the download is reported the same way
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DatasetMissingError(
+            f"Dataset {name!r} is not in {data_dir} and could not be downloaded: {first_line}. Offline, point "
+            "--data-dir or the TFDS_DATA_DIR environment variable at a folder of prepared TFDS datasets."
+        ) from None
 
 
 def _read(dataset_builder, split, name, data_dir):

@@ -155,6 +155,28 @@ def test_dataset_of_another_kind_is_refused():
         datalib.builder("squad")
 
 
+def test_a_missing_dataset_is_downloaded_only_into_the_default_folder(tmp_path, monkeypatch):
+    """As `tfds.load` does, when no folder is named; a named folder (--data-dir, TFDS_DATA_DIR) is only read."""
+    calls = []
+
+    def fail_to_download(self, *args, **kwargs):
+        calls.append(self.data_dir)
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail_to_download)
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    monkeypatch.setattr(tfds.core.constants, "get_default_data_dir", lambda: str(tmp_path / "default"))
+    with pytest.raises(datalib.DatasetMissingError, match="could not be downloaded: no network.*TFDS_DATA_DIR"):
+        datalib.load("mnist")
+    assert len(calls) == 1 and calls[0].startswith(str(tmp_path / "default"))
+    with pytest.raises(datalib.DatasetMissingError, match="not in the data folder"):
+        datalib.load("mnist", data_dir=str(tmp_path / "named"))
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "from_env"))
+    with pytest.raises(datalib.DatasetMissingError, match="not in the data folder"):
+        datalib.load("mnist")
+    assert len(calls) == 1, "a named folder is never written"
+
+
 def test_missing_dataset_names_the_folder_and_tfds_data_dir(tmp_path):
     with pytest.raises(datalib.DatasetMissingError) as caught:
         datalib.load("mnist", data_dir=str(tmp_path))
