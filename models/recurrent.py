@@ -17,7 +17,7 @@ import inspect
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
-from keras.src import backend as keras_backend
+from keras.src import backend as keras_backend  # the loop of keras.layers.RNN, which MaskedRNN feeds
 
 from kernorm import ops, validation
 
@@ -343,14 +343,14 @@ class NormalizedLSTMCell(_NormalizedCell):
         self.output_size = self.units
 
     def build(self, input_shape):
-        bias_initializer = self.bias_initializer
-        if self.unit_forget_bias:
-            def bias_initializer(_, *args, **kwargs):  # noqa: F811
-                return keras.ops.concatenate([
-                    self.bias_initializer((self.units,), *args, **kwargs),
-                    initializers.get("ones")((self.units,), *args, **kwargs),
-                    self.bias_initializer((self.units * 2,), *args, **kwargs),
-                ])  # fmt: skip
+        def forget_bias_initializer(_, *args, **kwargs):
+            return keras.ops.concatenate([
+                self.bias_initializer((self.units,), *args, **kwargs),
+                initializers.get("ones")((self.units,), *args, **kwargs),
+                self.bias_initializer((self.units * 2,), *args, **kwargs),
+            ])  # fmt: skip
+
+        bias_initializer = forget_bias_initializer if self.unit_forget_bias else self.bias_initializer
         self._build_kernels(input_shape, (4 * self.units,), bias_initializer)
         self.input_norm = self._make_norm(4 * self.units, "input_norm", shift=False)
         self.recurrent_norm = self._make_norm(4 * self.units, "recurrent_norm", shift=False)
@@ -589,6 +589,7 @@ def rnn_classifier(
     Raises:
         ValueError: for a `cell` other than "lstm" and "gru", an unknown norm
             name, or sizes and rates out of range.
+        TypeError: for a `bidirectional` that is not a bool.
     """
     if cell not in CELLS:
         raise ValueError(f"Unknown cell {cell!r}. Known cells: {', '.join(CELLS)}.")
