@@ -6,7 +6,9 @@ TensorFlow kernel paths eagerly and in a `tf.function`, the compiled path under
 large-mean / small-spread float32 inputs that a rounded float32 mean spoils.
 """
 
+import collections
 import importlib.util
+import math
 import pathlib
 
 import numpy as np
@@ -14,11 +16,12 @@ import pytest
 import tensorflow as tf
 
 import numpy_reference as ref
+import tolerances
 from kernorm import ops
 from modes import MODES, compiled
 
-TOLERANCE = {tf.float32: 1e-5, tf.float16: 1e-2, tf.bfloat16: 1e-2}
-LARGE_MEAN_TOLERANCE = 1e-3
+TOLERANCE = tolerances.BY_DTYPE
+LARGE_MEAN_TOLERANCE = tolerances.LARGE_MEAN
 DTYPES = (tf.float32, tf.float16, tf.bfloat16)
 EPSILON = 1e-3
 
@@ -105,8 +108,8 @@ def test_row_norms_without_weights(norm, mode, rng):
                           else ops.rms_norm(x, [1], epsilon=1e-6))
     outputs, grads = compiled(lambda x: _gradients(function, [x], upstream), mode)(x)
     expected, expected_grads = _row_reference(norm, _f64(x), [1], [None, None], _f64(upstream))
-    ref.assert_close(_f64(outputs), expected, 1e-5, "outputs")
-    ref.assert_close(_f64(grads[0]), expected_grads[0], 1e-5, "d_x")
+    ref.assert_close(_f64(outputs), expected, tolerances.FLOAT32, "outputs")
+    ref.assert_close(_f64(grads[0]), expected_grads[0], tolerances.FLOAT32, "d_x")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -132,8 +135,8 @@ def test_layer_norm_on_either_side_of_the_large_mean_threshold(loc, mode, rng):
     upstream = tf.constant(rng.normal(size=x.shape).astype("float32"))
     outputs, grads = compiled(lambda x: _gradients(lambda x: ops.layer_norm(x, [1]), [x], upstream), mode)(x)
     expected, expected_grads = ref.layer_norm(_f64(x), [1], None, None, EPSILON, _f64(upstream))
-    ref.assert_close(_f64(outputs), expected, 1e-5, "outputs")
-    ref.assert_close(_f64(grads[0]), expected_grads[0], 1e-5, "d_x")
+    ref.assert_close(_f64(outputs), expected, tolerances.FLOAT32, "outputs")
+    ref.assert_close(_f64(grads[0]), expected_grads[0], tolerances.FLOAT32, "d_x")
 
 
 def test_layer_norm_row_of_one_outlier(rng):
@@ -142,7 +145,7 @@ def test_layer_norm_row_of_one_outlier(rng):
     x[:, 0] = 1000.0
     outputs = tf.function(lambda x: ops.layer_norm(x, [1]))(tf.constant(x))
     expected, _ = ref.layer_norm(x.astype(np.float64), [1], None, None, EPSILON)
-    ref.assert_close(_f64(outputs), expected, 1e-5, "outputs")
+    ref.assert_close(_f64(outputs), expected, tolerances.FLOAT32, "outputs")
 
 
 # --- batch norm in training, channels last ---------------------------------------
@@ -184,8 +187,8 @@ def test_batch_norm_matches_reference(shape, dtype, mode, rng):
     )
     tolerance = TOLERANCE[dtype]
     ref.assert_close(_f64(outputs), expected, tolerance, "outputs")
-    ref.assert_close(_f64(mean).reshape(-1), expected_mean, 1e-5, "mean")
-    ref.assert_close(_f64(variance).reshape(-1), expected_variance, 1e-5, "variance")
+    ref.assert_close(_f64(mean).reshape(-1), expected_mean, tolerances.FLOAT32, "mean")
+    ref.assert_close(_f64(variance).reshape(-1), expected_variance, tolerances.FLOAT32, "variance")
     assert float(count) == np.prod(shape[:-1])
     for name, grad, expected_grad in zip(["d_x", "d_gamma", "d_beta"], grads, expected_grads):
         ref.assert_close(_f64(grad).reshape(expected_grad.shape), expected_grad, tolerance, name)
@@ -210,7 +213,7 @@ def test_batch_norm_keeps_a_large_mean_spread(loc, scale, mode, rng):
     expected, (expected_d_x, _, _), expected_mean, expected_variance = ref.batch_norm(
         _f64(x), -1, None, None, EPSILON, _f64(upstream)
     )
-    tolerance = LARGE_MEAN_TOLERANCE if scale < 1 else 1e-5
+    tolerance = LARGE_MEAN_TOLERANCE if scale < 1 else tolerances.FLOAT32
     ref.assert_close(_f64(outputs), expected, tolerance, "outputs")
     ref.assert_close(_f64(d_x), expected_d_x, tolerance, "d_x")
     ref.assert_close(_f64(variance).reshape(-1), expected_variance, tolerance, "variance")
@@ -282,7 +285,7 @@ def test_normalize_with_a_batch_size_known_at_run_time_only(rng):
     for batch in (1, 3):
         x = rng.normal(size=(batch, 2, 8, channels)).astype("float32")
         expected, _ = _frozen_reference(x.astype(np.float64), *[_f64(v) for v in stats], np.ones_like(x))
-        ref.assert_close(_f64(run(x)), expected, 1e-5, f"outputs, batch {batch}")
+        ref.assert_close(_f64(run(x)), expected, tolerances.FLOAT32, f"outputs, batch {batch}")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -299,42 +302,316 @@ def test_normalize_keeps_a_large_mean_spread(shape, mode, rng):
 
 
 # --- which path runs ----------------------------------------------------------------
+#
+# A graph holds both branches of every `tf.cond`, so its op types cannot tell which path
+# ran. These tests count calls instead: ops' private path functions are wrapped by
+# counters (and still run), and so are the fused kernels, whose calls in eager mode are
+# the kernels that executed. Under `tf.function` and XLA a call of a path function is a
+# trace: the path the graph was built from.
+
+PATHS = ("_row_norm", "_fused_batch_norm", "_wide_batch_norm_grad", "_frozen_batch_norm", "_standardize",
+         "_compiled_standardize")
+FAST_PATHS = ("_row_norm", "_fused_batch_norm", "_wide_batch_norm_grad", "_frozen_batch_norm", "_compiled_standardize")
+TRAINING_KERNEL, FROZEN_KERNEL = ("FusedBatchNormV3", True), ("FusedBatchNormV3", False)
+TRAINING_GRADIENT, FROZEN_GRADIENT = ("FusedBatchNormGradV3", True), ("FusedBatchNormGradV3", False)
 
 
-def _paths(function, *args):
-    plain = _op_types(tf.function(function, autograph=False), *args)
-    xla = _op_types(tf.function(function, jit_compile=True, autograph=False), *args)
-    return plain, xla
+@pytest.fixture
+def calls(monkeypatch):
+    """A Counter of the calls of ops' path functions (by name) and of the fused kernels
+    (by `(kernel, is_training)`), which all still run."""
+    counts = collections.Counter()
+
+    def counting(function, key):
+        def wrapper(*args, **kwargs):
+            counts[key(kwargs)] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    for name in PATHS:
+        monkeypatch.setattr(ops, name, counting(getattr(ops, name), lambda kwargs, name=name: name))
+    for name in ("FusedBatchNormV3", "FusedBatchNormGradV3"):
+        key = lambda kwargs, name=name: (name, bool(kwargs["is_training"]))  # noqa: E731
+        monkeypatch.setattr(tf.raw_ops, name, counting(getattr(tf.raw_ops, name), key))
+    return counts
 
 
-def _forward_backward(function):
-    def step(x, *weights):
-        return _gradients(function, [x, *weights], tf.ones_like(x))
-
-    return step
-
-
-def test_row_kernels_run_outside_xla_only():
-    x, gamma, beta = tf.ones((4, 8)), tf.ones([8]), tf.zeros([8])
-    plain, xla = _paths(_forward_backward(lambda x, g, b: ops.layer_norm(x, [1], g, b)), x, gamma, beta)
-    assert "EuclideanNorm" in plain
-    assert "EuclideanNorm" not in xla and "FusedBatchNormGradV3" not in xla
-    if not tf.config.list_logical_devices("GPU"):
-        assert "FusedBatchNormGradV3" in plain
+@pytest.fixture
+def cpu(monkeypatch):
+    """ops sees no GPU, as on CI, whatever the machine has."""
+    monkeypatch.setattr(ops, "_has_gpu", False)
 
 
-def test_fused_batch_norm_runs_with_and_without_xla():
-    x, gamma, beta = tf.ones((4, 3, 8)), tf.ones([1, 1, 8]), tf.zeros([1, 1, 8])
-    plain, xla = _paths(_forward_backward(lambda x, g, b: ops.batch_norm(x, [0, 1], g, b)[0]), x, gamma, beta)
-    assert "FusedBatchNormV3" in plain and "FusedBatchNormGradV3" in plain
-    assert "FusedBatchNormV3" in xla and "FusedBatchNormGradV3" in xla
+@pytest.fixture
+def gpu(monkeypatch):
+    """ops believes a GPU is present, so that its branches for GPUs run here, on the CPU."""
+    monkeypatch.setattr(ops, "_has_gpu", True)
 
 
-def test_frozen_batch_norm_runs_outside_xla_only():
-    x, mean, variance = tf.ones((2, 3, 4, 8)), tf.zeros([8]), tf.ones([8])
-    plain, xla = _paths(lambda x, m, v: ops.normalize(x, m, v), x, mean, variance)
-    assert "FusedBatchNormV3" in plain
-    assert "FusedBatchNormV3" not in xla
+def _ran(function, mode, *inputs):
+    """`((outputs, gradients of every input), upstream)`: `function(*inputs)` in `mode` and its
+    gradients for a random upstream gradient."""
+    upstream = tf.cast(np.random.default_rng(0).normal(size=tuple(inputs[0].shape)), inputs[0].dtype)
+
+    def step(*inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = function(*inputs)
+        return outputs, tape.gradient(outputs, list(inputs), output_gradients=tf.cast(upstream, outputs.dtype))
+
+    return compiled(step, mode)(*inputs), upstream
+
+
+def _layer_norm_last(x, gamma, beta):
+    return ops.layer_norm(x, [x.shape.rank - 1], gamma, beta, EPSILON)
+
+
+def _rms_norm_last(x, scale):
+    return ops.rms_norm(x, [x.shape.rank - 1], scale, 1e-6)
+
+
+ROW_NORMS = {"layer": (_layer_norm_last, 2), "rms": (_rms_norm_last, 1)}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("norm", list(ROW_NORMS))
+def test_row_norms_run_the_row_kernels_outside_xla(norm, dtype, mode, calls, cpu, rng):
+    function, count = ROW_NORMS[norm]
+    x = tf.cast(rng.normal(size=(4, 3, 16)), dtype)
+    _ran(function, mode, x, *[tf.ones([16])] * count)
+    if mode == "xla":
+        assert calls["_row_norm"] == 0 and calls["_compiled_standardize"] == 1, calls
+    else:
+        assert calls["_row_norm"] == 1 and calls["_standardize"] == 0, calls
+    if mode == "eager":
+        # The weight gradients come from one frozen gradient kernel on the CPU.
+        assert calls[FROZEN_GRADIENT] == 1 and calls[TRAINING_KERNEL] == 0, calls
+
+
+GENERIC_ROW_CASES = {
+    "layer-not-trailing-axes": (lambda x: ops.layer_norm(x, [1]), tf.float32),
+    "rms-not-trailing-axes": (lambda x: ops.rms_norm(x, [1]), tf.float32),
+    "layer-float64": (lambda x: ops.layer_norm(x, [2]), tf.float64),
+    "rms-float64": (lambda x: ops.rms_norm(x, [2]), tf.float64),
+    "group": (lambda x: ops.group_norm(x, 1, 2), tf.float32),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(GENERIC_ROW_CASES))
+def test_per_sample_norms_take_the_generic_code_elsewhere(case, mode, calls, rng):
+    function, dtype = GENERIC_ROW_CASES[case]
+    _ran(function, mode, tf.cast(rng.normal(size=(2, 4, 3)), dtype))
+    assert calls["_row_norm"] == 0 and calls["_standardize"] == 1, calls
+    # Group norm keeps its hand-written gradient under XLA too.
+    assert calls["_compiled_standardize"] == (mode == "xla" and case != "group"), calls
+    assert calls[TRAINING_KERNEL] == calls[FROZEN_KERNEL] == calls[FROZEN_GRADIENT] == 0, calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape, wide", [((4, 4, 4, 8), True), ((6, 5), False)], ids=["nhwc", "rank-2"])
+def test_training_batch_norm_runs_the_fused_kernel_with_the_channels_last(shape, wide, dtype, mode, calls, cpu, rng):
+    axes = list(range(len(shape) - 1))
+    _ran(lambda x: ops.batch_norm(x, axes, epsilon=EPSILON)[0], mode, tf.cast(rng.normal(size=shape), dtype))
+    assert calls["_fused_batch_norm"] == 1 and calls["_standardize"] == 0, calls
+    if mode == "eager":
+        # One training kernel (the mean is small: no rerun). The gradient of few channels takes
+        # rows of several pixels, where a sample has them (16 here); a vector has one.
+        assert calls[TRAINING_KERNEL] == 1 and calls["_wide_batch_norm_grad"] == wide, calls
+        assert calls[TRAINING_GRADIENT] == (not wide), calls
+
+
+GENERIC_BATCH_CASES = {
+    # case: (function of x, whether the custom-gradient standardization runs)
+    "channels-first": (lambda x: ops.batch_norm(x, [0, 2])[0], True),
+    "float64": (lambda x: ops.batch_norm(tf.cast(x, tf.float64), [0, 1])[0], True),
+    "masked": (lambda x: ops.batch_norm(x, [0, 1], mask=tf.ones(x.shape[:2] + [1]))[0], False),
+    "synchronized": (lambda x: ops.batch_norm(x, [0, 1], synchronized=True)[0], False),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", list(GENERIC_BATCH_CASES))
+def test_training_batch_norm_takes_the_generic_code_elsewhere(case, mode, calls, rng):
+    function, standardizes = GENERIC_BATCH_CASES[case]
+    x = tf.constant(rng.normal(size=(4, 5, 3)).astype("float32"))
+    (outputs, _), _ = _ran(function, mode, x)
+    assert calls["_fused_batch_norm"] == 0 and calls[TRAINING_KERNEL] == 0, calls
+    assert calls["_standardize"] == standardizes, calls
+    axis = 1 if case == "channels-first" else -1
+    ref.assert_close(_f64(outputs), ref.batch_norm(_f64(x), axis, epsilon=EPSILON)[0], tolerances.FLOAT32)
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+@pytest.mark.parametrize("channels", [8, 256])
+def test_the_few_channel_training_gradient_takes_the_wide_rows_on_cpu_outside_xla(channels, mode, calls, cpu, rng):
+    x = tf.constant(rng.normal(size=(4, 4, 4, channels)).astype("float32"))
+    (_, (d_x,)), upstream = _ran(lambda x: ops.batch_norm(x, [0, 1, 2], epsilon=EPSILON)[0], mode, x)
+    wide = channels <= ops._FEW_CHANNELS and mode == "eager"
+    assert calls["_wide_batch_norm_grad"] == wide, calls
+    if mode == "eager":
+        assert calls[TRAINING_GRADIENT] == (not wide), calls
+    _, (expected_d_x, _, _), _, _ = ref.batch_norm(_f64(x), -1, None, None, EPSILON, _f64(upstream))
+    ref.assert_close(_f64(d_x), expected_d_x, tolerances.FLOAT32, "d_x")
+
+
+@pytest.mark.parametrize("loc, scale, reruns", [(1.0, 2.0, False), (1e4, 1e-2, True), (-300.0, 1.0, True)])
+def test_a_large_mean_batch_reruns_the_fused_kernel_on_shifted_inputs(loc, scale, reruns, calls, cpu, rng):
+    x = tf.constant(rng.normal(loc, scale, (16, 4, 4, 6)).astype("float32"))
+    _ran(lambda x: ops.batch_norm(x, [0, 1, 2], epsilon=EPSILON)[0], "eager", x)
+    assert calls[TRAINING_KERNEL] == 1 + reruns, calls
+
+
+LARGE_MEAN_FUNCTIONS = {
+    "layer": (lambda x: ops.layer_norm(x, [1], epsilon=EPSILON), lambda x, u: ref.layer_norm(x, [1], None, None, EPSILON, u)),
+    "batch": (lambda x: ops.batch_norm(x, [0], epsilon=EPSILON)[0], lambda x, u: ref.batch_norm(x, -1, None, None, EPSILON, u)[:2]),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norm", list(LARGE_MEAN_FUNCTIONS))
+def test_the_large_mean_correction_runs_where_the_mean_calls_for_it(norm, mode, monkeypatch, rng):
+    """A large mean against the spread: within tolerance with the correction (layer norm's
+    second reduction, batch norm's rerun on shifted inputs, forward and backward), and far off
+    when the thresholds are raised so that it never runs. Mean 0: the same bits either way.
+
+    Under XLA, batch norm becomes XLA's own, whose `mean(x**2) - mean(x)**2` loses mean 1e3 and
+    std 1 (measured 0.2 to 0.3 uncorrected) more surely than mean 1e4 and std 1e-2."""
+    function, reference = LARGE_MEAN_FUNCTIONS[norm]
+    loc, scale = (1e3, 1.0) if (norm, mode) == ("batch", "xla") else (1e4, 1e-2)
+    large = tf.constant(rng.normal(loc, scale, (32, 64)).astype("float32"))
+    small = tf.constant(rng.normal(0.0, 1.0, (32, 64)).astype("float32"))
+
+    def errors(x):
+        (outputs, (d_x,)), upstream = _ran(function, mode, x)
+        expected, expected_grads = reference(_f64(x), _f64(upstream))
+        return [ref.relative_error(_f64(outputs), expected), ref.relative_error(_f64(d_x), expected_grads[0])]
+
+    assert max(errors(large)) <= tolerances.LARGE_MEAN
+    unchanged = _ran(function, mode, small)[0]
+    monkeypatch.setattr(ops, "_LARGE_MEAN", math.inf)
+    monkeypatch.setattr(ops, "_XLA_LARGE_MEAN", math.inf)
+    assert max(errors(large)) > 100 * tolerances.LARGE_MEAN
+    np.testing.assert_array_equal(_ran(function, mode, small)[0][0], unchanged[0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inference_batch_norm_runs_the_frozen_kernel_on_nhwc_outside_xla(mode, calls, rng):
+    x = tf.constant(rng.normal(size=(2, 3, 4, 8)).astype("float32"))
+    mean, variance = tf.constant(rng.normal(size=8).astype("float32")), tf.ones([8])
+    _ran(lambda x, m, v: ops.normalize(x, m, v, epsilon=EPSILON), mode, x, mean, variance)
+    assert calls["_frozen_batch_norm"] == (mode != "xla"), calls
+    if mode == "eager":
+        assert calls[FROZEN_KERNEL] == calls[FROZEN_GRADIENT] == 1, calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "shape, stats_shape, dtype",
+    [((2, 4, 3), [3], tf.float32), ((2, 4, 3, 5), [1, 4, 1, 1], tf.float32), ((2, 4, 3, 5), [5], tf.float64)],
+    ids=["rank-3", "statistics-on-axis-1", "float64"],
+)
+def test_inference_batch_norm_takes_the_plain_multiply_add_elsewhere(shape, stats_shape, dtype, mode, calls, rng):
+    x = tf.cast(rng.normal(size=shape), dtype)
+    mean, variance = tf.cast(rng.normal(size=stats_shape), dtype), tf.ones(stats_shape, dtype)
+    (outputs, _), _ = _ran(lambda x: ops.normalize(x, mean, variance, epsilon=EPSILON), mode, x)
+    assert calls["_frozen_batch_norm"] == 0 and calls[FROZEN_KERNEL] == 0, calls
+    expected = (_f64(x) - _f64(mean)) / np.sqrt(_f64(variance) + EPSILON)
+    ref.assert_close(_f64(outputs), expected, tolerances.for_dtype(dtype))
+
+
+SWITCHED_OFF = {
+    # name: (function, inputs from rng, float64 reference of the outputs)
+    "layer": (
+        _layer_norm_last, lambda rng: [rng.normal(size=(4, 16)), rng.uniform(0.5, 1.5, 16), rng.normal(size=16)],
+        lambda x, g, b: ref.layer_norm(x, -1, g, b, EPSILON)[0],
+    ),
+    "rms": (_rms_norm_last, lambda rng: [rng.normal(size=(4, 16)), rng.uniform(0.5, 1.5, 16)],
+            lambda x, s: ref.rms_norm(x, -1, s, 1e-6)[0]),
+    "batch": (lambda x: ops.batch_norm(x, [0, 1, 2], epsilon=EPSILON)[0], lambda rng: [rng.normal(3.0, 2.0, (4, 3, 3, 8))],
+              lambda x: ref.batch_norm(x, -1, epsilon=EPSILON)[0]),
+    "normalize": (
+        lambda x, m, v: ops.normalize(x, m, v, epsilon=EPSILON),
+        lambda rng: [rng.normal(size=(2, 3, 4, 8)), rng.normal(size=8), rng.uniform(0.5, 2.0, 8)],
+        lambda x, m, v: (x - m) / np.sqrt(v + EPSILON),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(SWITCHED_OFF))
+def test_with_the_fast_paths_off_only_the_generic_code_runs(name, mode, calls, monkeypatch, rng):
+    function, make_inputs, reference = SWITCHED_OFF[name]
+    inputs = [tf.constant(np.asarray(v, "float32")) for v in make_inputs(rng)]
+    monkeypatch.setattr(ops, "_fast_paths", ops.fast_paths_enabled())  # restored after the test
+    assert ops.set_fast_paths(False) is True and not ops.fast_paths_enabled()
+    (outputs, _), _ = _ran(function, mode, *inputs)
+    assert not any(calls[path] for path in FAST_PATHS), calls
+    assert not any(calls[kernel] for kernel in (TRAINING_KERNEL, FROZEN_KERNEL, TRAINING_GRADIENT, FROZEN_GRADIENT))
+    ref.assert_close(_f64(outputs), reference(*[_f64(v) for v in inputs]), tolerances.FLOAT32)
+
+
+def test_kernorm_fast_paths_0_starts_with_the_fast_paths_off(monkeypatch):
+    """The environment variable is read when ops is imported: a fresh copy of the module sees it."""
+    spec = importlib.util.spec_from_file_location("kernorm_ops_copy", ops.__file__)
+    for value, enabled in [("0", False), ("1", True)]:
+        monkeypatch.setenv("KERNORM_FAST_PATHS", value)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.fast_paths_enabled() is enabled
+
+
+# --- the branches for GPUs, run on the CPU ------------------------------------------
+
+
+def test_the_device_check_sees_the_machine(monkeypatch):
+    monkeypatch.setattr(ops, "_has_gpu", None)
+    assert ops._cpu_only() == (not tf.config.list_logical_devices("GPU"))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("epsilon, fused", [(1e-3, True), (1e-5, False), (1e-6, False)])
+def test_on_gpu_the_fused_kernels_take_only_an_epsilon_cudnn_accepts(epsilon, fused, mode, calls, gpu, rng):
+    """cuDNN rejects an epsilon below 1e-5: such batches take the generic code, with the same numbers.
+    On a GPU the few-channel gradient is the training kernel's own."""
+    x = tf.constant(rng.normal(2.0, 3.0, (4, 3, 3, 8)).astype("float32"))
+    gamma = tf.constant(rng.uniform(0.5, 1.5, (1, 1, 1, 8)).astype("float32"))
+    beta = tf.constant(rng.normal(size=(1, 1, 1, 8)).astype("float32"))
+    (outputs, grads), upstream = _ran(
+        lambda x, g, b: ops.batch_norm(x, [0, 1, 2], g, b, epsilon=epsilon)[0], mode, x, gamma, beta
+    )
+    assert calls["_fused_batch_norm"] == fused and calls["_standardize"] == (not fused), calls
+    assert calls["_wide_batch_norm_grad"] == 0, calls
+    if mode == "eager":
+        assert calls[TRAINING_GRADIENT] == fused, calls
+    expected, expected_grads, _, _ = ref.batch_norm(
+        _f64(x), -1, _f64(gamma).reshape(-1), _f64(beta).reshape(-1), epsilon, _f64(upstream)
+    )
+    ref.assert_close(_f64(outputs), expected, tolerances.FLOAT32, "outputs")
+    for name, grad, expected_grad in zip(["d_x", "d_gamma", "d_beta"], grads, expected_grads):
+        ref.assert_close(_f64(grad).reshape(expected_grad.shape), expected_grad, tolerances.FLOAT32, name)
+
+    (frozen, _), _ = _ran(lambda x: ops.normalize(x, gamma, beta ** 2 + 0.5, epsilon=epsilon), mode, x)
+    assert calls["_frozen_batch_norm"] == (fused and mode != "xla"), calls
+    moving_mean, moving_variance = _f64(gamma).reshape(-1), _f64(beta).reshape(-1) ** 2 + 0.5
+    ref.assert_close(_f64(frozen), (_f64(x) - moving_mean) / np.sqrt(moving_variance + epsilon), tolerances.FLOAT32)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("norm", list(ROW_NORMS))
+def test_on_gpu_the_row_norm_weight_gradients_are_plain_sums(norm, mode, calls, gpu, rng):
+    function, count = ROW_NORMS[norm]
+    x = tf.constant(rng.normal(1.0, 2.0, (4, 3, 16)).astype("float32"))
+    weights = [tf.constant(rng.uniform(0.5, 1.5, 16).astype("float32")) for _ in range(count)]
+    (outputs, grads), upstream = _ran(function, mode, x, *weights)
+    assert calls["_row_norm"] == 1 and calls[FROZEN_GRADIENT] == 0, calls
+    expected, expected_grads = _row_reference(norm, _f64(x), [2], [_f64(w) for w in weights], _f64(upstream))
+    ref.assert_close(_f64(outputs), expected, tolerances.FLOAT32, "outputs")
+    for name, grad, expected_grad in zip(["d_x", "d_gamma", "d_beta"], grads, expected_grads):
+        ref.assert_close(_f64(grad), expected_grad, tolerances.FLOAT32, name)
 
 
 def test_frozen_batch_norm_takes_the_convolution_output_as_it_is():
@@ -357,43 +634,6 @@ def test_frozen_batch_norm_takes_the_convolution_output_as_it_is():
     assert all(op.outputs[0].shape.rank == 1 for op in graph.get_operations() if op.type == "Reshape")
     dense = _op_types(tf.function(lambda x: ops.normalize(x, *stats[:2]), autograph=False), tf.ones((4, 8)))
     assert "FusedBatchNormV3" not in dense and "Reshape" not in dense
-
-
-@pytest.mark.parametrize(
-    "function",
-    [
-        lambda x: ops.layer_norm(x, [1]),  # not the trailing axes
-        lambda x: ops.batch_norm(x, [0, 2])[0],  # channels first
-        lambda x: ops.normalize(x, tf.zeros([1, 4, 1]), tf.ones([1, 4, 1])),  # statistics on axis 1
-    ],
-    ids=["layer-norm-axis-1", "batch-norm-channels-first", "normalize-axis-1"],
-)
-def test_general_paths_where_the_kernels_do_not_apply(function):
-    plain = _op_types(tf.function(function, autograph=False), tf.ones((2, 4, 3)))
-    assert "FusedBatchNormV3" not in plain and "EuclideanNorm" not in plain
-
-
-@pytest.mark.parametrize("synchronized", [False, True])
-def test_masked_or_synchronized_statistics_stay_general(synchronized):
-    """Their statistics come from `moments`; only the final multiply-add may be one kernel."""
-    mask = None if synchronized else tf.ones((2, 4, 3))
-    function = tf.function(lambda x: ops.batch_norm(x, [0, 1], mask=mask, synchronized=synchronized)[0])
-    graph = function.get_concrete_function(tf.ones((2, 4, 3))).graph
-    training_kernels = [
-        op for op in graph.get_operations() if op.type == "FusedBatchNormV3" and op.get_attr("is_training")
-    ]
-    assert not training_kernels
-
-
-@pytest.mark.parametrize("function", [
-    lambda x: ops.layer_norm(x, [2]),
-    lambda x: ops.batch_norm(x, [0, 1])[0],
-    lambda x: ops.rms_norm(x, [2]),
-])
-def test_float64_takes_the_general_path(function, rng):
-    x = tf.constant(rng.normal(size=(2, 4, 3)))
-    plain = _op_types(tf.function(function, autograph=False), x)
-    assert "FusedBatchNormV3" not in plain and "EuclideanNorm" not in plain
 
 
 # --- the benchmark's plumbing (not its timings) -------------------------------------------
