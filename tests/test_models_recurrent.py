@@ -406,6 +406,8 @@ def test_layers_round_trip_their_configs():
         models.RecurrentBatchNormalization(5, momentum=0.9, center=False),
         models.MaskedRNN(models.NormalizedGRUCell(3, norm="batch"), go_backwards=True),
     ]:
+        # Registered, so that `import kernorm` (which imports the zoo) loads them from .keras files.
+        assert keras.saving.get_registered_name(type(layer)) == f"kernorm>{type(layer).__name__}"
         config = json.loads(json.dumps(layer.get_config()))
         assert type(layer).from_config(json.loads(json.dumps(config))).get_config() == config
 
