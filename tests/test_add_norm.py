@@ -7,8 +7,10 @@ import tensorflow as tf
 
 import kernorm
 import numpy_reference as ref
+import tolerances
+from modes import compiled
 
-TOLERANCE = 1e-5
+TOLERANCE = tolerances.FLOAT32
 SHAPE = (3, 4, 6)
 
 
@@ -34,9 +36,10 @@ def _norm_reference(norm, x, block):
     return x
 
 
+@pytest.mark.parametrize("mode", ["eager", "xla"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
 @pytest.mark.parametrize("norm", ["layer", "rms", "batch", "group", None])
-def test_matches_hand_composed(norm, norm_first, rng):
+def test_matches_hand_composed(norm, norm_first, mode, rng):
     dense, dense_reference = _dense(rng)
     norm_kwargs = {"groups": 2} if norm == "group" else None
     block = kernorm.AddNorm(dense, norm=norm, norm_first=norm_first, norm_kwargs=norm_kwargs)
@@ -44,7 +47,7 @@ def test_matches_hand_composed(norm, norm_first, rng):
     for weight in block.norm_layer.trainable_weights:
         weight.assign(rng.uniform(0.5, 1.5, weight.shape).astype("float32"))
     x = rng.normal(1.0, 2.0, SHAPE).astype("float32")
-    outputs = block(x, training=True)
+    outputs = compiled(lambda x: block(x, training=True), mode)(tf.constant(x))
     x64 = x.astype(np.float64)
     if norm_first:
         expected = x64 + dense_reference(_norm_reference(norm, x64, block))
@@ -53,8 +56,9 @@ def test_matches_hand_composed(norm, norm_first, rng):
     ref.assert_close(outputs, expected, TOLERANCE)
 
 
+@pytest.mark.parametrize("mode", ["eager", "xla"])
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post", "pre"])
-def test_gradients_match_a_hand_composed_keras_graph(norm_first, rng):
+def test_gradients_match_a_hand_composed_keras_graph(norm_first, mode, rng):
     dense, _ = _dense(rng)
     block = kernorm.AddNorm(dense, norm="layer", norm_first=norm_first)
     block.build(SHAPE)
@@ -67,12 +71,16 @@ def test_gradients_match_a_hand_composed_keras_graph(norm_first, rng):
 
     x = tf.constant(rng.normal(size=SHAPE).astype("float32"))
     upstream = tf.constant(rng.normal(size=SHAPE).astype("float32"))
-    results = []
-    for function, variables in [(block, block.trainable_weights), (composed, dense.trainable_weights + norm.trainable_weights)]:
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(function(x) * upstream)
-        results.append(tape.gradient(loss, [x, *variables]))
+    def gradients(function, variables):
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(function(x) * upstream)
+            return tape.gradient(loss, [x, *variables])
+
+        return compiled(step, mode)(x)
+
+    results = [gradients(block, block.trainable_weights), gradients(composed, dense.trainable_weights + norm.trainable_weights)]
     assert len(results[0]) == len(results[1]) == 5
     for ours, theirs in zip(*results):
         ref.assert_close(ours, theirs, TOLERANCE)

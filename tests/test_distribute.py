@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import numpy_reference as ref
+import tolerances
 
-TOLERANCE = 1e-5
+TOLERANCE = tolerances.FLOAT32
 MOMENTUM = 0.8
 
 SCRIPT = textwrap.dedent(

@@ -7,6 +7,8 @@ gradient for a large mean, a training batch with one value per channel, and `.ke
 files of the zoo that load after `import kernorm` alone.
 """
 
+import functools
+import inspect
 import json
 import subprocess
 import sys
@@ -19,12 +21,11 @@ import tensorflow as tf
 
 import kernorm
 import numpy_reference as ref
+import tolerances
 from modes import compiled
 
-# Measured errors in float32 are 1e-7 to 2e-7; the margin is about 20x.
-FLOAT32_TOLERANCE = 5e-6
-# A half-precision output is rounded to 2**-8 (bfloat16) or 2**-11 (float16) of its size.
-HALF_TOLERANCE = {"mixed_float16": 2e-3, "mixed_bfloat16": 1e-2}
+FLOAT32_TOLERANCE = tolerances.FLOAT32
+HALF_TOLERANCE = {"mixed_float16": tolerances.FLOAT16, "mixed_bfloat16": tolerances.BFLOAT16}
 
 
 def _affine(x, axes, gamma, beta):
@@ -32,6 +33,59 @@ def _affine(x, axes, gamma, beta):
     for axis in axes:
         shape[axis] = x.shape[axis]
     return x * np.reshape(gamma, shape) + (0.0 if beta is None else np.reshape(beta, shape))
+
+
+# --- Keras's arguments, with Keras's defaults and meaning ---------------------------------
+
+KERAS_LAYERS = {
+    "batch": (kernorm.BatchNormalization, keras.layers.BatchNormalization),
+    "layer": (kernorm.LayerNormalization, keras.layers.LayerNormalization),
+    "rms": (kernorm.RMSNormalization, keras.layers.RMSNormalization),
+    "group": (kernorm.GroupNormalization, keras.layers.GroupNormalization),
+}
+
+
+@pytest.mark.parametrize("name", list(KERAS_LAYERS))
+def test_every_keras_argument_is_accepted_with_the_same_default(name):
+    ours, theirs = KERAS_LAYERS[name]
+    our_parameters = inspect.signature(ours.__init__).parameters
+    for parameter in inspect.signature(theirs.__init__).parameters.values():
+        if parameter.name == "self" or parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            continue
+        assert parameter.name in our_parameters, parameter.name
+        assert our_parameters[parameter.name].default == parameter.default, parameter.name
+    # The defaults as a built layer holds them, in its config.
+    our_config, their_config = ours().get_config(), theirs().get_config()
+    shared = (set(our_config) & set(their_config)) - {"name"}
+    assert {key: our_config[key] for key in shared} == {key: their_config[key] for key in shared}
+
+
+CONSTRAINED = {
+    "batch": (kernorm.BatchNormalization, ("gamma", "beta")),
+    "layer": (kernorm.LayerNormalization, ("gamma", "beta")),
+    "group": (functools.partial(kernorm.GroupNormalization, groups=2), ("gamma", "beta")),
+    "rms": (kernorm.RMSNormalization, ("scale",)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONSTRAINED))
+def test_constraints_hold_after_a_training_step(name, rng):
+    """One step of `fit` pushes every weight far below 0 (the loss is the outputs times
+    1 + their sign at the start, so each scale and offset has a positive gradient); with
+    `non_neg` constraints the weights end at 0, without them below 0."""
+    make, names = CONSTRAINED[name]
+    x = rng.normal(1.0, 2.0, (16, 8)).astype("float32")
+    results = {}
+    for constrained in (True, False):
+        layer = make(**{f"{weight}_constraint": "non_neg" for weight in names if constrained})
+        model = keras.Sequential([keras.Input((8,)), layer])
+        target = 1.0 + np.sign(np.asarray(layer(x, training=True)))
+        model.compile(optimizer=keras.optimizers.SGD(1000.0), loss=lambda target, outputs: keras.ops.mean(target * outputs))
+        model.fit(x, target, batch_size=16, epochs=1, verbose=0)
+        results[constrained] = [getattr(layer, weight).numpy() for weight in names]
+    for weight, free, held in zip(names, results[False], results[True]):
+        assert np.all(free < 0), (weight, free)
+        np.testing.assert_array_equal(held, np.zeros_like(held), err_msg=weight)
 
 
 # --- rms_scaling ------------------------------------------------------------------

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import kernorm
 import numpy_reference as ref
+import tolerances
 from modes import axis_fits, compiled, grid
 
 CHANNELS = 6
@@ -14,7 +15,7 @@ AXES = (-1, 1)  # GroupNormalization takes one channel axis
 GRID = grid((2, 3, 4, 5), AXES, axis_fits)
 COMPILED_GRID = [(2, -1), (4, 1), (5, -1), (3, 1)]
 EPSILON = 1e-3
-TOLERANCE = 1e-5
+TOLERANCE = tolerances.FLOAT32
 
 
 def _shape(rank, axis):
@@ -62,20 +63,26 @@ def test_matches_reference_compiled(rank, axis, mode, rng):
 
 
 def test_groups_minus_one_is_instance_norm(rng):
-    """Each channel of each sample normalized over its spatial positions."""
-    x = rng.normal(1.0, 2.0, (2, 5, 4, 3)).astype("float32")
-    layer = kernorm.GroupNormalization(groups=-1, epsilon=EPSILON)
+    """Each channel of each sample normalized over its spatial positions (written here, not
+    through the group reference), with per-channel weights."""
+    x = rng.normal(1.0, 2.0, (2, 5, 4, 6)).astype("float32")
+    x += np.arange(6, dtype="float32") * 3.0  # channels with their own means
+    layer = _built_layer(x.shape, rng, groups=-1)
     mean = x.astype(np.float64).mean(axis=(1, 2), keepdims=True)
     variance = x.astype(np.float64).var(axis=(1, 2), keepdims=True)
-    ref.assert_close(layer(x), (x - mean) / np.sqrt(variance + EPSILON), TOLERANCE)
-    ref.assert_close(layer(x), kernorm.GroupNormalization(groups=3, epsilon=EPSILON)(x), TOLERANCE)
+    expected = (x - mean) / np.sqrt(variance + EPSILON) * layer.gamma.numpy() + layer.beta.numpy()
+    ref.assert_close(layer(x), expected, TOLERANCE)
 
 
 def test_groups_one_is_layer_norm_over_every_non_batch_axis(rng):
+    """Each sample normalized over (H, W, C), with per-channel weights (written here)."""
     x = rng.normal(1.0, 2.0, (2, 5, 4, 3)).astype("float32")
-    group = kernorm.GroupNormalization(groups=1, epsilon=EPSILON)
-    layer = kernorm.LayerNormalization(axis=[1, 2, 3], epsilon=EPSILON)
-    ref.assert_close(group(x), layer(x), TOLERANCE)
+    x += np.arange(2, dtype="float32").reshape(2, 1, 1, 1) * 5.0  # samples with their own means
+    layer = _built_layer(x.shape, rng, groups=1)
+    mean = x.astype(np.float64).mean(axis=(1, 2, 3), keepdims=True)
+    variance = x.astype(np.float64).var(axis=(1, 2, 3), keepdims=True)
+    expected = (x - mean) / np.sqrt(variance + EPSILON) * layer.gamma.numpy() + layer.beta.numpy()
+    ref.assert_close(layer(x), expected, TOLERANCE)
 
 
 @pytest.mark.parametrize("groups, axis", [(3, -1), (2, 1), (-1, -1)])
@@ -88,7 +95,7 @@ def test_matches_keras_group_normalization(groups, axis, rng):
     weights = [rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in ours.weights]
     ours.set_weights(weights), theirs.set_weights(weights)
     x = rng.normal(1.0, 2.0, shape).astype("float32")
-    ref.assert_close(ours(x), theirs(x), 1e-4)
+    ref.assert_close(ours(x), theirs(x), TOLERANCE)
 
 
 def test_unknown_batch_and_spatial_sizes_in_a_function(rng):

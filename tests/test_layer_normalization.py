@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import kernorm
 import numpy_reference as ref
+import tolerances
 from modes import axis_fits, compiled, grid
 
 SHAPES = {2: (4, 6), 3: (3, 4, 5), 4: (2, 3, 4, 5), 5: (2, 3, 2, 3, 4)}
@@ -14,7 +15,7 @@ AXES = (-1, 1, [1, 2])
 GRID = grid(SHAPES, AXES, axis_fits)
 COMPILED_GRID = [(2, -1), (4, 1), (5, [1, 2]), (3, -1)]
 EPSILON = 1e-3
-TOLERANCE = 1e-5
+TOLERANCE = tolerances.FLOAT32
 
 
 def _built_layer(shape, rng, **kwargs):

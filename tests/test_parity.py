@@ -11,8 +11,9 @@ import tensorflow as tf
 
 import kernorm
 import numpy_reference as ref
+import tolerances
 
-TOLERANCE = 1e-5
+TOLERANCE = tolerances.KERAS
 BATCH = 8
 
 
