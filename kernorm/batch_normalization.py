@@ -234,7 +234,8 @@ class BatchNormalization(keras.layers.Layer):
                 raise ValueError(f"{message} Received: inputs.shape={tuple(inputs.shape)}")
             return inputs
         values = tf.reduce_prod(tf.gather(tf.shape(inputs, out_type=tf.int64), self._reduction_axes))
-        check = tf.debugging.assert_greater(values, tf.constant(1, tf.int64), message=message)
+        # Exactly one: an empty batch counts nothing and leaves the moving statistics alone.
+        check = tf.debugging.assert_none_equal(values, tf.constant(1, tf.int64), message=message)
         with tf.control_dependencies([check] if check is not None else []):
             return tf.identity(inputs)
 
