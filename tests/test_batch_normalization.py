@@ -314,6 +314,20 @@ def test_empty_batch_leaves_moving_statistics_bit_identical(kwargs, mode, rng):
         assert np.array_equal(old, new.numpy()), new.name
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"renorm": True}])
+def test_empty_batch_in_a_graph_traced_for_any_batch_size(kwargs, rng):
+    """The check for one value per channel lets an empty batch through: it counts nothing."""
+    layer = _built_layer((None, 3), rng, **kwargs)
+    step = tf.function(lambda x: layer(x, training=True), input_signature=[tf.TensorSpec((None, 3))])
+    step(rng.normal(size=(4, 3)).astype("float32"))
+    before = [w.numpy().copy() for w in layer.non_trainable_weights]
+    assert step(tf.zeros((0, 3))).shape == (0, 3)
+    for old, new in zip(before, layer.non_trainable_weights):
+        assert np.array_equal(old, new.numpy()), new.name
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one value per channel"):
+        step(tf.ones((1, 3)))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kwargs", [{}, {"renorm": True}, {"virtual_batch_size": 2}])
 def test_all_masked_step_leaves_moving_statistics_bit_identical(kwargs, mode, rng):

@@ -3,11 +3,14 @@
 import functools
 
 import numpy as np
+import pytest
+import tensorflow as tf
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kernorm
+from modes import MODES
 
 SETTINGS = settings(max_examples=25, deadline=None)
 VALUES = st.floats(-10.0, 10.0, width=32, allow_nan=False, allow_infinity=False)
@@ -103,3 +106,54 @@ def test_batch_norm_inference_output_never_depends_on_other_samples(data):
     first = layer(x, training=False).numpy()[0]
     np.testing.assert_array_equal(first, layer(changed, training=False).numpy()[0])
     np.testing.assert_array_equal(first, layer(x[:1], training=False).numpy()[0])
+
+
+# --- renorm: a step that counts nothing leaves every moving statistic exactly as it was ----
+
+RENORM_FEATURES = 3
+_RENORM = {}
+
+
+def _renorm_steps(mode):
+    """A renorm layer and its training steps in `mode`, `(x, mask) -> outputs` and `x -> outputs`,
+    traced for any batch size, made once per mode and reused across examples (XLA compiles once
+    per shape)."""
+    if mode not in _RENORM:
+        layer = kernorm.BatchNormalization(
+            renorm=True, momentum=0.9, renorm_momentum=0.7, renorm_clipping={"rmin": 0.5, "rmax": 2.0, "dmax": 1.0}
+        )
+        layer.build((None, 5, RENORM_FEATURES))
+        masked = lambda x, mask: layer(x, training=True, mask=mask)  # noqa: E731
+        plain = lambda x: layer(x, training=True)  # noqa: E731
+        if mode != "eager":
+            inputs, mask = tf.TensorSpec((None, 5, RENORM_FEATURES)), tf.TensorSpec((None, 5), tf.bool)
+            masked = tf.function(masked, input_signature=[inputs, mask], jit_compile=mode == "xla", autograph=False)
+            plain = tf.function(plain, input_signature=[inputs], jit_compile=mode == "xla", autograph=False)
+        _RENORM[mode] = layer, masked, plain
+    return _RENORM[mode]
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("nothing", ["empty-batch", "all-masked"])
+def test_renorm_moving_statistics_stay_bit_identical_when_nothing_counts(nothing, mode, seed):
+    """From any state (random moving statistics, then a training step with part of the batch
+    masked), a step with no samples or with every position masked changes no bit of the moving
+    mean, variance and standard deviation, nor of renorm's own statistics. The moving variance is
+    derived from the moving standard deviation: recomputed from it, it would move by a unit in
+    the last place in most seeds under XLA."""
+    layer, masked, plain = _renorm_steps(mode)
+    rng = np.random.default_rng(seed)
+    for weight in layer.non_trainable_weights:
+        weight.assign(rng.uniform(0.1, 3.0, weight.shape).astype("float32"))
+    x = rng.normal(rng.uniform(-5.0, 5.0), rng.uniform(0.1, 5.0), (4, 5, RENORM_FEATURES)).astype("float32")
+    masked(x, rng.uniform(size=(4, 5)) < 0.7)
+    before = [weight.numpy().copy() for weight in layer.non_trainable_weights]
+    if nothing == "empty-batch":
+        outputs = plain(np.zeros((0, 5, RENORM_FEATURES), "float32"))
+    else:
+        outputs = masked(x, np.zeros((4, 5), bool))
+    assert np.all(np.isfinite(np.asarray(outputs)))
+    for old, weight in zip(before, layer.non_trainable_weights):
+        np.testing.assert_array_equal(weight.numpy(), old, err_msg=weight.name)
