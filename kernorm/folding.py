@@ -108,8 +108,9 @@ def _as_functional(model, name):
                 f"The Sequential model {model.name!r} has no known input shape: start it with `keras.Input(...)` "
                 "or build it before folding its batch norms."
             )
-        inputs, outputs = (model.inputs, model.outputs) if len(model.inputs) > 1 else (model.inputs[0], model.outputs[0])
-        return keras.Model(inputs, outputs, name=model.name)
+        if len(model.inputs) > 1:
+            return keras.Model(model.inputs, model.outputs, name=model.name)
+        return keras.Model(model.inputs[0], model.outputs[0], name=model.name)
     if Functional is None or not isinstance(model, Functional):
         raise TypeError(
             f"fold_batch_norm needs a functional or Sequential keras.Model, whose graph of layers it can "
@@ -214,7 +215,9 @@ def _channel_axis(layer, rank):
 def _statistics(norm):
     """A batch norm's inference statistics and weights as float64 vectors."""
     def vector(weight, default):
-        return np.full(norm.moving_mean.shape, default, np.float64) if weight is None else np.asarray(weight, np.float64)
+        if weight is None:
+            return np.full(norm.moving_mean.shape, default, np.float64)
+        return np.asarray(weight, np.float64)
 
     return (
         vector(norm.moving_mean, 0.0),

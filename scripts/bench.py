@@ -17,13 +17,21 @@ RMSNormalization on (16, 512, 768); each forward and forward plus backward
 (gradients for the input and the weights), in a `tf.function` with and without
 `jit_compile`. Then end-to-end training steps of `resnet20` (32x32x3 images,
 batch 128) and `transformer_small` (128-token sequences, batch 32), each against
-the same architecture built with `keras.layers` norms, and of `lstm_tiny` with
-layer norm (128-token sequences, batch 64) against the same classifier built on
-`keras.layers.LSTM`: the cost of normalizing every step.
+the same architecture built with `keras.layers` norms.
+
+Then the serving section: the exported SavedModel (`model.export`) of
+`convnet`, `resnet20`, `resnet50` at 64x64 and `transformer_tiny`, at batch 1
+and 32, with kernorm's norms (as they are, and folded by
+`kernorm.fold_batch_norm`), with Keras's norms and the same weights, and with
+no norm at all (the bound for folding). Each variant is called back to back,
+as a server calls it, for about half a second per round, the variants in
+turn; each ratio is given as its median and range over the rounds. Last, the
+op counts of the TFLite models that `scripts/train.py --tflite` writes.
 """
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -62,7 +70,6 @@ MODEL_CASES = [
     # (model, batch size)
     ("resnet20", 128),
     ("transformer_small", 32),
-    ("lstm_tiny", 64),
 ]
 
 
@@ -166,18 +173,14 @@ def model_function(name, norm, batch_size, jit_compile, rng):
         x = rng.standard_normal((batch_size, 32, 32, 3), dtype=np.float32)
         y = rng.integers(0, 10, (batch_size,))
     else:
-        if norm is keras.layers.LSTM:
-            model = keras_lstm_classifier(name, vocab_size=20000, num_classes=2)
-        else:
-            model = models.get(name, vocab_size=20000, sequence_length=128, num_classes=2, norm=norm)
+        model = models.get(name, vocab_size=20000, sequence_length=128, num_classes=2, norm=norm)
         x = rng.integers(1, 20000, (batch_size, 128))
         y = rng.integers(0, 2, (batch_size,))
-    if norm is not keras.layers.LSTM:
-        expected = kernorm if isinstance(norm, str) else keras
-        norms = [layer for layer in model._flatten_layers() if "Normalization" in type(layer).__name__]
-        wrong = [type(layer) for layer in norms if not type(layer).__module__.startswith(expected.__name__)]
-        if not norms or wrong:
-            raise RuntimeError(f"{name} with norm={norm!r} holds the wrong norm layers: {wrong or 'none'}")
+    expected = kernorm if isinstance(norm, str) else keras
+    norms = [layer for layer in model._flatten_layers() if "Normalization" in type(layer).__name__]
+    wrong = [type(layer) for layer in norms if not type(layer).__module__.startswith(expected.__name__)]
+    if not norms or wrong:
+        raise RuntimeError(f"{name} with norm={norm!r} holds the wrong norm layers: {wrong or 'none'}")
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -187,30 +190,12 @@ def model_function(name, norm, batch_size, jit_compile, rng):
     return lambda: model.train_on_batch(x, y)
 
 
-def keras_lstm_classifier(name, vocab_size, num_classes):
-    """The zoo's LSTM classifier `name` built on `keras.layers.LSTM`: the same sizes, no norm."""
-    from kernorm import models
-
-    config = models.registry.defaults(name)
-    tokens = keras.Input((None,), dtype="int32")
-    x = keras.layers.Embedding(vocab_size, config.get("embedding_dim") or config["units"], mask_zero=True)(tokens)
-    x = keras.layers.Dropout(config["dropout"])(x)
-    x = keras.layers.LSTM(config["units"], return_sequences=True)(x)
-    x = models.MaskedGlobalAveragePooling1D()(x)  # the mask comes with the LSTM's outputs
-    x = keras.layers.Dropout(config["dropout"])(x)
-    return keras.Model(tokens, keras.layers.Dense(num_classes)(x))
-
-
 def model_rows(cases, calls, warmup, modes, log):
     rng = np.random.default_rng(0)
     rows = []
-    keras_norms = {
-        "resnet": keras.layers.BatchNormalization,
-        "transformer": keras.layers.LayerNormalization,
-        "rnn": keras.layers.LSTM,  # no norm at all: the row shows what normalizing every step costs
-    }
+    keras_norms = {"resnet": keras.layers.BatchNormalization, "transformer": keras.layers.LayerNormalization}
     for name, batch_size in cases:
-        family = "resnet" if name.startswith("resnet") else "rnn" if "lstm" in name else "transformer"
+        family = "resnet" if name.startswith("resnet") else "transformer"
         ours = "batch" if family == "resnet" else "layer"
         for jit_compile in modes:
             try:
@@ -237,6 +222,205 @@ def model_rows(cases, calls, warmup, modes, log):
             rows.append(row)
             log(format_row(row))
     return rows
+
+
+SERVING_CASES = [
+    # (model, one example's shape: an image, or token ids)
+    ("convnet", (28, 28, 1)),
+    ("resnet20", (32, 32, 3)),
+    ("resnet50", (64, 64, 3)),
+    ("transformer_tiny", (64,)),
+]
+SERVING_BATCHES = (1, 32)
+SERVING_START, SERVING_END = "<!-- serving:start -->", "<!-- serving:end -->"
+
+
+def serving_variants(name, shape, rng):
+    """{variant: keras.Model} of the zoo model `name`, one architecture with the same weights: kernorm's
+    norms ("kernorm"), the same folded ("folded"; batch norm only), Keras's ("keras") and none ("norm-free")."""
+    from kernorm import models
+
+    text = name.startswith("transformer")
+
+    def build(norm):
+        if text:
+            return models.get(name, vocab_size=20000, sequence_length=shape[0], num_classes=2, norm=norm)
+        return models.get(name, input_shape=shape, num_classes=10, norm=norm)
+
+    ours = build("layer" if text else "batch")
+    for layer in ours._flatten_layers():  # statistics away from 0 and 1, as after training
+        if isinstance(layer, kernorm.BatchNormalization):
+            size = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.normal(0.0, 0.2, size))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, size))
+    # Keras's layer with the epsilon the zoo gives its own (1e-5 in the ResNets, where Keras's default is 1e-3).
+    kinds = (kernorm.BatchNormalization, kernorm.LayerNormalization)
+    epsilon = next(layer.epsilon for layer in ours._flatten_layers() if isinstance(layer, kinds))
+    keras_norm = keras.layers.LayerNormalization if text else keras.layers.BatchNormalization
+    theirs = build(functools.partial(keras_norm, epsilon=epsilon))
+    theirs.set_weights(ours.get_weights())
+    variants = {"kernorm": ours, "keras": theirs, "norm-free": build(None)}
+    if not text:
+        variants["folded"] = kernorm.fold_batch_norm(ours)
+    return variants
+
+
+def serving_inputs(name, shape, batch, rng):
+    if name.startswith("transformer"):
+        return tf.constant(rng.integers(1, 20000, (batch, *shape)), tf.int32)
+    return tf.constant(rng.standard_normal((batch, *shape), dtype=np.float32))
+
+
+def exported(model, spec, folder):
+    """`model.export`ed as a SavedModel under `folder` and loaded back, as a server loads it."""
+    path = str(pathlib.Path(folder) / model.name)
+    model.export(path, verbose=False, input_signature=[spec])
+    return tf.saved_model.load(path)
+
+
+def time_steady(functions, rounds, warmup, seconds):
+    """Seconds per call of each function in each round: in a round each function runs back to back for about
+    `seconds` (the count set from its warm-up calls), the functions in turn, the order rotated each round."""
+    names = list(functions)
+    counts = {}
+    for name in names:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            sync(functions[name]())
+        counts[name] = max(3, min(500, round(seconds * warmup / max(time.perf_counter() - start, 1e-6))))
+    per_round = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names[index % len(names):] + names[: index % len(names)]:
+            start = time.perf_counter()
+            for _ in range(counts[name]):
+                sync(functions[name]())
+            per_round[name].append((time.perf_counter() - start) / counts[name])
+    return per_round
+
+
+def _spread(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def serving_rows(cases, rounds, warmup, seconds, log):
+    """One row per model and batch size: each variant's ms, and its ratios to Keras's export per round."""
+    import tempfile
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, shape in cases:
+        variants = serving_variants(name, shape, rng)
+        dtype = tf.int32 if name.startswith("transformer") else tf.float32
+        with tempfile.TemporaryDirectory() as folder:
+            spec = tf.TensorSpec((None, *shape), dtype)
+            loaded = {variant: exported(model, spec, f"{folder}/{variant}") for variant, model in variants.items()}
+            for batch in SERVING_BATCHES:
+                x = serving_inputs(name, shape, batch, rng)
+                expected = variants["keras"](x, training=False)
+                for variant in ("kernorm", "folded"):
+                    if variant in loaded:  # the exports compute the same function as Keras's
+                        error = np.max(np.abs(loaded[variant].serve(x) - expected)) / np.max(np.abs(expected))
+                        if error > 1e-4:
+                            raise RuntimeError(f"{name} {variant} export differs from Keras's by {error:.2g}")
+                functions = {variant: (lambda m=model: m.serve(x)) for variant, model in loaded.items()}
+                per_round = time_steady(functions, rounds, warmup, seconds)
+                row = {"case": name, "shape": list(shape), "batch": batch, "rounds": rounds}
+                for variant, times in per_round.items():
+                    row[f"{variant}_ms"] = _spread([t * 1e3 for t in times])
+                    ratios = [t / k for t, k in zip(times, per_round["keras"])]
+                    row[f"{variant}/keras"] = _spread(ratios)
+                if "folded" in per_round:
+                    row["folded/norm-free"] = _spread(
+                        [f / n for f, n in zip(per_round["folded"], per_round["norm-free"])]
+                    )
+                rows.append(row)
+                log(format_serving_row(row))
+    return rows
+
+
+def tflite_op_counts(cases, log):
+    """{model: {variant: {op: count}}} of the TFLite models converted as `scripts/train.py --tflite` does
+    (from an export traced with kernorm's fast paths off)."""
+    import collections
+    import tempfile
+    import warnings
+
+    rng = np.random.default_rng(1)
+    counts = {}
+    for name, shape in cases:
+        variants = serving_variants(name, shape, rng)
+        dtype = tf.int32 if name.startswith("transformer") else tf.float32
+        counts[name] = {}
+        for variant, model in variants.items():
+            previous = kernorm.ops.set_fast_paths(False)
+            try:
+                with tempfile.TemporaryDirectory() as folder:
+                    model.export(folder, verbose=False, input_signature=[tf.TensorSpec((None, *shape), dtype)])
+                    flatbuffer = tf.lite.TFLiteConverter.from_saved_model(folder).convert()
+            finally:
+                kernorm.ops.set_fast_paths(previous)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice that LiteRT replaces it
+                interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+            ops = collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+            counts[name][variant] = dict(ops.most_common())
+        log(format_tflite_row(name, counts[name]))
+    return counts
+
+
+def _ratio(spread):
+    return f"{spread['median']:.2f} ({spread['min']:.2f}–{spread['max']:.2f})"
+
+
+def format_serving_row(row):
+    folded = row.get("folded/keras")
+    return (
+        f"| {row['case']} | {'x'.join(map(str, row['shape']))} | {row['batch']} | "
+        f"{row['kernorm_ms']['median']:.2f} | {row['keras_ms']['median']:.2f} | **{_ratio(row['kernorm/keras'])}** | "
+        f"{'' if folded is None else f'**{_ratio(folded)}**'} | {_ratio(row['norm-free/keras'])} | "
+        f"{'' if folded is None else _ratio(row['folded/norm-free'])} |"
+    )
+
+
+SERVING_HEADER = (
+    "| model | example | batch | kernorm ms | Keras ms | kernorm/Keras | folded/Keras | norm-free/Keras "
+    "| folded/norm-free |\n"
+    "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+)
+TFLITE_VARIANTS = ("kernorm", "folded", "keras", "norm-free")
+
+
+def format_tflite_row(name, counts):
+    def cell(variant):
+        ops = counts.get(variant)
+        if ops is None:
+            return ""
+        top = ", ".join(f"{op} {count}" for op, count in list(ops.items())[:4])
+        return f"{sum(ops.values())} ({top}{', ...' if len(ops) > 4 else ''})"
+
+    return f"| {name} | " + " | ".join(cell(variant) for variant in TFLITE_VARIANTS) + " |"
+
+
+TFLITE_HEADER = (
+    "| model | kernorm | kernorm folded | Keras | norm-free |\n"
+    "| --- | --- | --- | --- | --- |"
+)
+
+
+def serving_markdown(rows, counts, info, args):
+    lines = [
+        f"Measured {info['date']} on {info['cores']} CPU cores ({info['cpu']}), TensorFlow {info['tensorflow']}, "
+        f"Keras {info['keras']}, by `python scripts/bench.py{' --quick' if args.quick else ''}`: each export called "
+        f"back to back for about {args.serving_seconds:g} s per round, {args.serving_rounds} rounds with the variants "
+        "in turn; ratios as median (min–max) over the rounds.",
+        "",
+        SERVING_HEADER,
+        *(format_serving_row(row) for row in rows),
+    ]
+    if counts:
+        lines += ["", "TFLite ops (as `scripts/train.py --tflite` converts):", "", TFLITE_HEADER]
+        lines += [format_tflite_row(name, model_counts) for name, model_counts in counts.items()]
+    return "\n".join(lines)
 
 
 def format_row(row):
@@ -302,12 +486,12 @@ def markdown(rows, info, args):
     return "\n".join(lines)
 
 
-def update_readme(text):
+def update_readme(text, start=START, end=END):
     content = README.read_text()
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(content):
-        raise SystemExit(f"README.md has no {START} ... {END} block to update")
-    README.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", content, count=1))
+        raise SystemExit(f"README.md has no {start} ... {end} block to update")
+    README.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content, count=1))
 
 
 def parse_args(argv=None):
@@ -320,15 +504,25 @@ def parse_args(argv=None):
     parser.add_argument("--model-calls", type=int, help="timed training steps (default 20; 3 with --quick)")
     parser.add_argument("--no-layers", action="store_true", help="skip the layer cases")
     parser.add_argument("--no-models", action="store_true", help="skip the end-to-end training steps")
-    parser.add_argument(
-        "--models", nargs="+", metavar="NAME", help=f"only these training steps, of {', '.join(n for n, _ in MODEL_CASES)}"
-    )
     parser.add_argument("--no-xla", action="store_true", help="only time tf.function without jit_compile")
+    serving = parser.add_mutually_exclusive_group()
+    serving.add_argument("--no-serving", action="store_true", help="skip the serving section")
+    serving.add_argument("--only-serving", action="store_true", help="only the serving section")
+    parser.add_argument(
+        "--serving-rounds", type=int, default=None, help="rounds of the serving section (default 5; 3 with --quick)"
+    )
+    parser.add_argument(
+        "--serving-seconds", type=float, default=None,
+        help="seconds per export and round (default 0.5; 0.2 with --quick)",
+    )
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.models or ()) - {name for name, _ in MODEL_CASES})
-    if unknown:
-        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(n for n, _ in MODEL_CASES)}")
     args.calls = args.calls or (5 if args.quick else 30)
+    args.serving_rounds = args.serving_rounds or (3 if args.quick else 5)
+    args.serving_seconds = args.serving_seconds or (0.2 if args.quick else 0.5)
+    if args.serving_rounds < 3:
+        parser.error("--serving-rounds must be at least 3: the section reports the spread over the rounds")
+    if args.only_serving:
+        args.no_layers = args.no_models = True
     args.warmup = args.warmup or (2 if args.quick else 3)
     args.model_calls = args.model_calls or (3 if args.quick else 20)
     return args
@@ -351,18 +545,28 @@ def main(argv=None):
         rows += layer_rows(cases, args.calls, args.warmup, modes, log)
     if not args.no_models:
         cases = MODEL_CASES[:1] if args.quick else MODEL_CASES
-        if args.models:
-            cases = [case for case in MODEL_CASES if case[0] in args.models]
         rows += model_rows(cases, args.model_calls, min(args.warmup, 2), modes, log)
+    serving, op_counts = [], {}
+    if not args.no_serving:
+        cases = SERVING_CASES[1:2] if args.quick else SERVING_CASES
+        log("\nServing: exported SavedModels, called back to back")
+        log(SERVING_HEADER)
+        serving = serving_rows(cases, args.serving_rounds, 3, args.serving_seconds, log)
+        if not args.quick:
+            log(TFLITE_HEADER)
+            op_counts = tflite_op_counts(cases, log)
     elapsed = time.perf_counter() - start
     info["load_average_end"] = _load_average()
     log(f"done in {elapsed:.0f} s")
     if args.json:
         payload = {"machine": info, "calls": args.calls, "warmup": args.warmup, "quick": args.quick,
-                   "seconds": elapsed, "rows": rows}
+                   "seconds": elapsed, "rows": rows, "serving": serving, "tflite_ops": op_counts}
         pathlib.Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     if args.update_readme:
-        update_readme(markdown(rows, info, args))
+        if rows:
+            update_readme(markdown(rows, info, args))
+        if serving:
+            update_readme(serving_markdown(serving, op_counts, info, args), SERVING_START, SERVING_END)
         log(f"updated {README}")
     return 0
 

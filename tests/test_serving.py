@@ -152,7 +152,9 @@ def test_no_fold_batch_norm_keeps_the_inference_batch_norm(image_run, tmp_path_f
 
 
 @pytest.mark.parametrize("runtime", ["tf", "litert", "onnx"])
-def test_each_runtime_serves_the_image_export(runtime, image_export, tmp_path_factory, python_without_kernorm, tmp_path):
+def test_each_runtime_serves_the_image_export(
+    runtime, image_export, tmp_path_factory, python_without_kernorm, tmp_path
+):
     _needs(runtime)
     python = _runtime_python(runtime, tmp_path_factory, python_without_kernorm)
     run, _ = image_export
@@ -213,7 +215,8 @@ def test_a_runtime_without_its_file_or_package_is_one_line(image_run, tmp_path):
     status, out, err = run_main("predict", [str(image_run), "--runtime", "litert"], stdin='{"instances": [1]}')
     assert status == 1 and out == "" and len(err.strip().splitlines()) == 1
     assert "no model.tflite in" in err and "--tflite" in err
-    status, _, err = run_main("predict", [str(image_run / "saved_model"), "--runtime", "onnx"], stdin='{"instances": [1]}')
+    saved_model = str(image_run / "saved_model")
+    status, _, err = run_main("predict", [saved_model, "--runtime", "onnx"], stdin='{"instances": [1]}')
     assert status == 1 and "--runtime onnx reads a model.onnx file or a run folder" in err
     status, _, err = run_main("predict", [str(image_run), "--runtime", "jax"], stdin="{}")
     assert status == 2 and "invalid choice: 'jax'" in err
@@ -225,3 +228,23 @@ def test_onnx_needs_tf2onnx_before_any_folder(tmp_path, monkeypatch):
     status, _, err = run_main("train", [*IMAGE_ARGS, "--onnx", "--out", str(tmp_path / "run")])
     assert status == 2 and "--onnx needs the tf2onnx package: pip install 'kernorm[onnx]'" in err
     assert not (tmp_path / "run").exists()
+
+
+# --- the serving section of scripts/bench.py: its plumbing, not its timings ------------------------
+
+
+def test_bench_serving_rows_time_every_variant_and_rewrite_their_own_block(tmp_path, monkeypatch):
+    bench = load_script("bench")
+    lines = []
+    rows = bench.serving_rows([("convnet", (8, 8, 1))], rounds=3, warmup=1, seconds=0.01, log=lines.append)
+    assert [row["batch"] for row in rows] == list(bench.SERVING_BATCHES) and len(lines) == 2
+    for row in rows:
+        for variant in ("kernorm", "folded", "keras", "norm-free"):
+            spread = row[f"{variant}/keras"]
+            assert spread["min"] <= spread["median"] <= spread["max"]
+        assert row["keras/keras"] == {"median": 1.0, "min": 1.0, "max": 1.0}
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{bench.START}\nlayers\n{bench.END}\n{bench.SERVING_START}\nold\n{bench.SERVING_END}\n")
+    monkeypatch.setattr(bench, "README", readme)
+    bench.update_readme("new", bench.SERVING_START, bench.SERVING_END)
+    assert readme.read_text() == f"a\n{bench.START}\nlayers\n{bench.END}\n{bench.SERVING_START}\nnew\n{bench.SERVING_END}\n"
