@@ -17,7 +17,9 @@ RMSNormalization on (16, 512, 768); each forward and forward plus backward
 (gradients for the input and the weights), in a `tf.function` with and without
 `jit_compile`. Then end-to-end training steps of `resnet20` (32x32x3 images,
 batch 128) and `transformer_small` (128-token sequences, batch 32), each against
-the same architecture built with `keras.layers` norms.
+the same architecture built with `keras.layers` norms, and of `lstm_tiny` with
+layer norm (128-token sequences, batch 64) against the same classifier built on
+`keras.layers.LSTM`: the cost of normalizing every step.
 
 Then the serving section: the exported SavedModel (`model.export`) of
 `convnet`, `resnet20`, `resnet50` at 64x64 and `transformer_tiny`, at batch 1
@@ -70,6 +72,7 @@ MODEL_CASES = [
     # (model, batch size)
     ("resnet20", 128),
     ("transformer_small", 32),
+    ("lstm_tiny", 64),
 ]
 
 
@@ -173,14 +176,18 @@ def model_function(name, norm, batch_size, jit_compile, rng):
         x = rng.standard_normal((batch_size, 32, 32, 3), dtype=np.float32)
         y = rng.integers(0, 10, (batch_size,))
     else:
-        model = models.get(name, vocab_size=20000, sequence_length=128, num_classes=2, norm=norm)
+        if norm is keras.layers.LSTM:
+            model = keras_lstm_classifier(name, vocab_size=20000, num_classes=2)
+        else:
+            model = models.get(name, vocab_size=20000, sequence_length=128, num_classes=2, norm=norm)
         x = rng.integers(1, 20000, (batch_size, 128))
         y = rng.integers(0, 2, (batch_size,))
-    expected = kernorm if isinstance(norm, str) else keras
-    norms = [layer for layer in model._flatten_layers() if "Normalization" in type(layer).__name__]
-    wrong = [type(layer) for layer in norms if not type(layer).__module__.startswith(expected.__name__)]
-    if not norms or wrong:
-        raise RuntimeError(f"{name} with norm={norm!r} holds the wrong norm layers: {wrong or 'none'}")
+    if norm is not keras.layers.LSTM:
+        expected = kernorm if isinstance(norm, str) else keras
+        norms = [layer for layer in model._flatten_layers() if "Normalization" in type(layer).__name__]
+        wrong = [type(layer) for layer in norms if not type(layer).__module__.startswith(expected.__name__)]
+        if not norms or wrong:
+            raise RuntimeError(f"{name} with norm={norm!r} holds the wrong norm layers: {wrong or 'none'}")
     model.compile(
         optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -190,12 +197,30 @@ def model_function(name, norm, batch_size, jit_compile, rng):
     return lambda: model.train_on_batch(x, y)
 
 
+def keras_lstm_classifier(name, vocab_size, num_classes):
+    """The zoo's LSTM classifier `name` built on `keras.layers.LSTM`: the same sizes, no norm."""
+    from kernorm import models
+
+    config = models.registry.defaults(name)
+    tokens = keras.Input((None,), dtype="int32")
+    x = keras.layers.Embedding(vocab_size, config.get("embedding_dim") or config["units"], mask_zero=True)(tokens)
+    x = keras.layers.Dropout(config["dropout"])(x)
+    x = keras.layers.LSTM(config["units"], return_sequences=True)(x)
+    x = models.MaskedGlobalAveragePooling1D()(x)  # the mask comes with the LSTM's outputs
+    x = keras.layers.Dropout(config["dropout"])(x)
+    return keras.Model(tokens, keras.layers.Dense(num_classes)(x))
+
+
 def model_rows(cases, calls, warmup, modes, log):
     rng = np.random.default_rng(0)
     rows = []
-    keras_norms = {"resnet": keras.layers.BatchNormalization, "transformer": keras.layers.LayerNormalization}
+    keras_norms = {
+        "resnet": keras.layers.BatchNormalization,
+        "transformer": keras.layers.LayerNormalization,
+        "rnn": keras.layers.LSTM,  # no norm at all: the row shows what normalizing every step costs
+    }
     for name, batch_size in cases:
-        family = "resnet" if name.startswith("resnet") else "transformer"
+        family = "resnet" if name.startswith("resnet") else "rnn" if "lstm" in name else "transformer"
         ours = "batch" if family == "resnet" else "layer"
         for jit_compile in modes:
             try:
@@ -504,6 +529,9 @@ def parse_args(argv=None):
     parser.add_argument("--model-calls", type=int, help="timed training steps (default 20; 3 with --quick)")
     parser.add_argument("--no-layers", action="store_true", help="skip the layer cases")
     parser.add_argument("--no-models", action="store_true", help="skip the end-to-end training steps")
+    parser.add_argument(
+        "--models", nargs="+", metavar="NAME", help=f"only these training steps, of {', '.join(n for n, _ in MODEL_CASES)}"
+    )
     parser.add_argument("--no-xla", action="store_true", help="only time tf.function without jit_compile")
     serving = parser.add_mutually_exclusive_group()
     serving.add_argument("--no-serving", action="store_true", help="skip the serving section")
@@ -516,6 +544,9 @@ def parse_args(argv=None):
         help="seconds per export and round (default 0.5; 0.2 with --quick)",
     )
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.models or ()) - {name for name, _ in MODEL_CASES})
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(n for n, _ in MODEL_CASES)}")
     args.calls = args.calls or (5 if args.quick else 30)
     args.serving_rounds = args.serving_rounds or (3 if args.quick else 5)
     args.serving_seconds = args.serving_seconds or (0.2 if args.quick else 0.5)
@@ -545,6 +576,8 @@ def main(argv=None):
         rows += layer_rows(cases, args.calls, args.warmup, modes, log)
     if not args.no_models:
         cases = MODEL_CASES[:1] if args.quick else MODEL_CASES
+        if args.models:
+            cases = [case for case in MODEL_CASES if case[0] in args.models]
         rows += model_rows(cases, args.model_calls, min(args.warmup, 2), modes, log)
     serving, op_counts = [], {}
     if not args.no_serving:
