@@ -98,8 +98,8 @@ def from_timm(name, state_dict, **overrides):
             with a missing, unexpected or mis-shaped tensor (named).
         TypeError: if `state_dict` is not a mapping or holds a non-array.
     """
-    match = _TIMM_VIT.fullmatch(str(name).split(".", 1)[0]) if isinstance(name, str) else None
-    if match is None or match["size"] not in TIMM_VIT_SIZES:
+    match = _timm_vit(name) if isinstance(name, str) else None
+    if match is None:
         raise ValueError(
             f"Unknown timm model {name!r}. Known models: vit_{{{','.join(TIMM_VIT_SIZES)}}}_patch{{P}}_{{S}}, "
             "such as vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224."
@@ -114,9 +114,31 @@ def from_timm(name, state_dict, **overrides):
 
 def from_state_dict(name, state_dict, **overrides):
     """`from_torchvision` for torchvision's names, `from_timm` for timm's ViT names."""
-    if name in TORCHVISION_MODELS:
+    if reference(name) == "torchvision":
         return from_torchvision(name, state_dict, **overrides)
     return from_timm(name, state_dict, **overrides)
+
+
+def reference(name):
+    """"torchvision" or "timm": the library whose model `name` is.
+
+    Raises:
+        ValueError: for a name of neither, listing the known names.
+    """
+    if name in TORCHVISION_MODELS:
+        return "torchvision"
+    if isinstance(name, str) and _timm_vit(name) is not None:
+        return "timm"
+    raise ValueError(
+        f"Unknown model {name!r}. Known models: {', '.join(TORCHVISION_MODELS)} (torchvision); "
+        f"vit_{{{','.join(TIMM_VIT_SIZES)}}}_patch{{P}}_{{S}} such as vit_tiny_patch16_224 (timm)."
+    )
+
+
+def _timm_vit(name):
+    """The size, patch and image size of a timm ViT name (a pretrained tag after a dot aside), or None."""
+    match = _TIMM_VIT.fullmatch(name.split(".", 1)[0])
+    return match if match is not None and match["size"] in TIMM_VIT_SIZES else None
 
 
 class Tensor(NamedTuple):

@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 
 import absl.logging  # noqa: E402
@@ -49,12 +50,17 @@ def main(argv=None):
     if out.suffix != ".keras":
         parser.error(f"--out must end in .keras, not {out.name!r}")
     try:
+        convert.reference(args.name)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
         model = convert.from_state_dict(args.name, convert.read_state_dict(args.weights))
     except (OSError, ImportError, TypeError, ValueError) as error:
         parser.error(f"{args.weights}: {error}")
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
-    print(f"{args.name}: {model.count_params():,} parameters -> {out}", flush=True)
+    trainable = sum(math.prod(weight.shape) for weight in model.trainable_weights)
+    print(f"{args.name}: {trainable:,} trainable parameters -> {out}", flush=True)
     if args.saved_model:
         model.export(args.saved_model, verbose=False)
         print(f"{args.name}: SavedModel -> {args.saved_model}", flush=True)

@@ -286,7 +286,7 @@ def test_convert_script_writes_keras_and_saved_model(torch, rng, tmp_path):
     argv = ["vit_tiny_patch16_224", str(tmp_path / "vit_tiny.npz"), "--out", str(out), "--saved-model", str(saved_model)]
     status, stdout, stderr = run_main("convert", argv)
     assert status == 0, stderr
-    assert "5,717,416 parameters" in stdout
+    assert "5,717,416 trainable parameters" in stdout
 
     loaded = keras.saving.load_model(out, safe_mode=True)
     _assert_logits_close(_logits(loaded, images), expected)
@@ -299,6 +299,8 @@ def test_convert_script_writes_keras_and_saved_model(torch, rng, tmp_path):
     assert status == 2 and "missing: bn1.bias, bn1.running_mean" in stderr
     assert "unexpected: blocks.0.attn.proj.bias" in stderr and "No weight was changed" in stderr
     assert not (tmp_path / "r.keras").exists()
+    status, _, stderr = run_main("convert", ["resnet19", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "r.keras")])
+    assert status == 2 and "Unknown model 'resnet19'. Known models: resnet18" in stderr and "missing.pth" not in stderr
 
 
 # Fine-tuning: transfer_weights and train.py --init-from.
