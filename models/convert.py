@@ -72,7 +72,7 @@ def from_torchvision(name, state_dict, **overrides):
         raise ValueError(f"Unknown torchvision model {name!r}. Known models: {', '.join(TORCHVISION_MODELS)}.")
     arrays = _arrays(state_dict)
     model = _build(TORCHVISION_MODELS[name], arrays, "fc.weight", overrides, "batch")
-    load_state_dict(model, arrays, _resnet_plan(model, TORCHVISION_MODELS[name]), name)
+    load_state_dict(model, arrays, _resnet_plan(model, TORCHVISION_MODELS[name]), f"The state dict for {name}")
     return model
 
 
@@ -108,7 +108,7 @@ def from_timm(name, state_dict, **overrides):
     overrides = {"input_shape": (image, image, 3), "patch_size": int(match["patch"]), **overrides}
     arrays = _arrays(state_dict)
     model = _build(TIMM_VIT_SIZES[match["size"]], arrays, "head.weight", overrides, "layer")
-    load_state_dict(model, arrays, _vit_plan(model), name)
+    load_state_dict(model, arrays, _vit_plan(model), f"The state dict for {name}")
     return model
 
 
@@ -155,7 +155,7 @@ class Tensor(NamedTuple):
     convert: Callable
 
 
-def load_state_dict(model, state_dict, plan, source="the state dict"):
+def load_state_dict(model, state_dict, plan, source="The state dict"):
     """Loads `state_dict` into `model` as `plan` says, each tensor once, all or nothing.
 
     Args:
