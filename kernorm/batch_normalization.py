@@ -2,7 +2,7 @@ import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from kernorm import ops, validation
+from kernorm import ops, validation, weights
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
@@ -142,14 +142,8 @@ class BatchNormalization(keras.layers.Layer):
         self._reduction_axes = [a for a in range(ndim) if a not in self._axes]
         shape = validation.known_sizes(input_shape, self._axes, self)
 
-        # Weights and statistics stay in float32 (or float64) under a float16 policy:
-        # a float16 moving variance overflows for inputs beyond about 256.
         def weight(name, initializer, regularizer=None, constraint=None, trainable=False):
-            return self.add_weight(
-                shape=shape, name=name, initializer=initializer, regularizer=regularizer,
-                constraint=constraint, trainable=trainable, autocast=False,
-                dtype=ops.stats_dtype(self.variable_dtype),
-            )
+            return weights.add_weight(self, name, shape, initializer, regularizer, constraint, trainable)
 
         if self.scale:
             self.gamma = weight("gamma", self.gamma_initializer, self.gamma_regularizer, self.gamma_constraint, True)
@@ -162,7 +156,7 @@ class BatchNormalization(keras.layers.Layer):
             # moving variance is derived from it.
             def stddev_initializer(shape, dtype=None):
                 variance_initializer = initializers.get(initializers.serialize(self.moving_variance_initializer))
-                return tf.sqrt(variance_initializer(shape, dtype=dtype))
+                return ops.stddev_from_variance(variance_initializer(shape, dtype=dtype), 0.0)
 
             self.moving_stddev = weight("moving_stddev", stddev_initializer)
             self.renorm_mean = weight("renorm_mean", initializers.get(initializers.serialize(self.moving_mean_initializer)))
@@ -180,16 +174,22 @@ class BatchNormalization(keras.layers.Layer):
             )
             return tf.cast(outputs, self.compute_dtype)
         inputs = self._check_values_per_channel(inputs, mask)
+        axes, epsilon, synchronized = self._reduction_axes, self.epsilon, self.synchronized
         if self.virtual_batch_size:
-            outputs, mean, variance, count = self._ghost_batch_norm(inputs, gamma, beta, mask)
-        elif self.renorm:
-            outputs, mean, variance, count = self._renorm_batch_norm(inputs, gamma, beta, mask)
-        else:
-            outputs, mean, variance, count = ops.batch_norm(
-                inputs, self._reduction_axes, gamma, beta, self.epsilon, mask, self.synchronized
+            outputs, mean, variance, count = ops.ghost_batch_norm(
+                inputs, axes, self.virtual_batch_size, gamma, beta, epsilon, mask, synchronized
             )
-            mean, variance, count = self._per_channel(mean), self._per_channel(variance), self._per_channel(count)
-        if not self.renorm:
+        elif self.renorm:
+            outputs, mean, variance, count = ops.renorm_batch_norm(
+                inputs, axes, gamma, beta, self._broadcast(self.renorm_mean), self._broadcast(self.renorm_stddev),
+                epsilon, self.renorm_clipping, mask, synchronized,
+            )
+        else:
+            outputs, mean, variance, count = ops.batch_norm(inputs, axes, gamma, beta, epsilon, mask, synchronized)
+        mean, variance, count = self._per_channel(mean), self._per_channel(variance), self._per_channel(count)
+        if self.renorm:
+            self._update_renorm_statistics(mean, variance, count)
+        else:
             self.moving_mean.assign(ops.moving_average(self.moving_mean, mean, self.momentum, count))
             self.moving_variance.assign(ops.moving_average(self.moving_variance, variance, self.momentum, count))
         return tf.cast(outputs, self.compute_dtype)
@@ -239,65 +239,17 @@ class BatchNormalization(keras.layers.Layer):
         with tf.control_dependencies([check] if check is not None else []):
             return tf.identity(inputs)
 
-    def _ghost_batch_norm(self, inputs, gamma, beta, mask):
-        size = self.virtual_batch_size
-        batch = inputs.shape[0]
-        if 0 in self._axes:
-            raise ValueError("`virtual_batch_size` needs the batch axis 0 among the reduced axes, not in `axis`.")
-        if batch is not None and batch % size:
-            raise ValueError(
-                f"`virtual_batch_size`={size} must divide the batch size; received a batch of {batch}."
-            )
-        shape = tf.shape(inputs)
-        divides = tf.debugging.assert_equal(
-            shape[0] % size, 0, message=f"`virtual_batch_size`={size} must divide the batch size."
-        )
-        # In a graph the check must run before the reshape, whose own error says nothing useful.
-        with tf.control_dependencies([divides] if divides is not None else []):
-            ghost_shape = tf.concat([[-1, size], shape[1:]], axis=0)
-        ghosts = tf.reshape(inputs, ghost_shape)
-        if mask is not None:
-            mask = tf.reshape(tf.broadcast_to(mask, shape), ghost_shape)
-        axes = [a + 1 for a in self._reduction_axes]
-        expand = lambda w: None if w is None else w[tf.newaxis]  # noqa: E731
-        outputs, mean, variance, count = ops.batch_norm(
-            ghosts, axes, expand(gamma), expand(beta), self.epsilon, mask, self.synchronized
-        )
-        count = tf.broadcast_to(tf.cast(count, mean.dtype), tf.shape(mean))
-        total = tf.maximum(tf.reduce_sum(count, 0), 1.0)
-        mean = tf.reduce_sum(mean * count, 0) / total
-        variance = tf.reduce_sum(variance * count, 0) / total
-        count = tf.reduce_sum(count, 0)
-        return tf.reshape(outputs, shape), *(self._per_channel(s) for s in (mean, variance, count))
-
-    def _renorm_batch_norm(self, inputs, gamma, beta, mask):
-        # Normalized by ops with the batch statistics (centred so that a large
-        # mean keeps its precision), then corrected by r and d, which carry no gradient.
-        normalized, mean, variance, count = ops.batch_norm(
-            tf.cast(inputs, ops.stats_dtype(inputs.dtype)), self._reduction_axes, None, None,
-            self.epsilon, mask, self.synchronized,
-        )
-        r, d = ops.renorm_correction(
-            mean, variance, self._broadcast(self.renorm_mean), self._broadcast(self.renorm_stddev),
-            self.epsilon, self.renorm_clipping,
-        )
-        # (normalized * r + d) * gamma + beta, folded into the affine.
-        scale = r if gamma is None else r * tf.cast(gamma, r.dtype)
-        offset = d if gamma is None else d * tf.cast(gamma, d.dtype)
-        offset = offset if beta is None else offset + tf.cast(beta, offset.dtype)
-        outputs = normalized * scale + offset
-        mean, variance, count = self._per_channel(mean), self._per_channel(variance), self._per_channel(count)
-        stddev = tf.sqrt(variance + self.epsilon)
+    def _update_renorm_statistics(self, mean, variance, count):
+        """Renorm tracks moving standard deviations, as in the paper; the moving variance is derived from one."""
+        stddev = ops.stddev_from_variance(variance, self.epsilon)
         self.renorm_mean.assign(ops.moving_average(self.renorm_mean, mean, self.renorm_momentum, count))
         self.renorm_stddev.assign(ops.moving_average(self.renorm_stddev, stddev, self.renorm_momentum, count))
         self.moving_mean.assign(ops.moving_average(self.moving_mean, mean, self.momentum, count))
         moving_stddev = ops.moving_average(self.moving_stddev, stddev, self.momentum, count)
         self.moving_stddev.assign(moving_stddev)
-        # Rounding can make stddev**2 - epsilon slightly negative, and would move
-        # the variance of a step that counted nothing.
-        moving_variance = tf.nn.relu(tf.square(moving_stddev) - self.epsilon)
+        # A step that counted nothing leaves the moving variance as it was.
+        moving_variance = ops.variance_from_stddev(moving_stddev, self.epsilon)
         self.moving_variance.assign(ops.where_counted(count, moving_variance, self.moving_variance))
-        return outputs, mean, variance, count
 
     def compute_output_shape(self, input_shape):
         validation.canonical_axes(self.axis, len(input_shape))

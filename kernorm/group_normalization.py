@@ -3,7 +3,7 @@ import numbers
 import keras
 from keras import constraints, initializers, regularizers
 
-from kernorm import ops, validation
+from kernorm import ops, validation, weights
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
@@ -104,16 +104,12 @@ class GroupNormalization(keras.layers.Layer):
                 f"what is needed is {channels} % {self.groups} == 0."
             )
         if self.scale:
-            self.gamma = self.add_weight(
-                shape=(channels,), name="gamma", initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
-                dtype=ops.stats_dtype(self.variable_dtype),
+            self.gamma = weights.add_weight(
+                self, "gamma", (channels,), self.gamma_initializer, self.gamma_regularizer, self.gamma_constraint
             )
         if self.center:
-            self.beta = self.add_weight(
-                shape=(channels,), name="beta", initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
-                dtype=ops.stats_dtype(self.variable_dtype),
+            self.beta = weights.add_weight(
+                self, "beta", (channels,), self.beta_initializer, self.beta_regularizer, self.beta_constraint
             )
 
     def _channel_axis(self, ndim):

@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from kernorm import ops, validation
+from kernorm import ops, validation, weights
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
@@ -105,16 +105,12 @@ class LayerNormalization(keras.layers.Layer):
         shape = validation.known_sizes(input_shape, axes, self)
         self._sizes = shape
         if self.scale or self.rms_scaling:
-            self.gamma = self.add_weight(
-                shape=shape, name="gamma", initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint, autocast=False,
-                dtype=ops.stats_dtype(self.variable_dtype),
+            self.gamma = weights.add_weight(
+                self, "gamma", shape, self.gamma_initializer, self.gamma_regularizer, self.gamma_constraint
             )
         if self.center and not self.rms_scaling:
-            self.beta = self.add_weight(
-                shape=shape, name="beta", initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer, constraint=self.beta_constraint, autocast=False,
-                dtype=ops.stats_dtype(self.variable_dtype),
+            self.beta = weights.add_weight(
+                self, "beta", shape, self.beta_initializer, self.beta_regularizer, self.beta_constraint
             )
 
     def call(self, inputs):

@@ -2,7 +2,7 @@ import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
-from kernorm import ops, validation
+from kernorm import ops, validation, weights
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
@@ -61,10 +61,8 @@ class RMSNormalization(keras.layers.Layer):
         axes = validation.canonical_axes(self.axis, len(input_shape))
         shape = validation.known_sizes(input_shape, axes, self)
         self._sizes = shape
-        self.scale = self.add_weight(
-            shape=shape, name="scale", initializer=self.scale_initializer,
-            regularizer=self.scale_regularizer, constraint=self.scale_constraint, autocast=False,
-            dtype=ops.stats_dtype(self.variable_dtype),
+        self.scale = weights.add_weight(
+            self, "scale", shape, self.scale_initializer, self.scale_regularizer, self.scale_constraint
         )
 
     def call(self, inputs):
