@@ -6,10 +6,12 @@ holds (a scale and an offset of the width, moving statistics for batch norm, not
 so that a norm built without its offset or its scale, or with other groups, fails even where
 outputs and counts would not show it. Also: the layer before a norm has no bias unless the norm
 is "none", the trainable-parameter counts are equal across "batch", "layer", "group" and
-"instance", and the published counts hold exactly.
+"instance", and the published counts hold exactly. Last, the head: logits, or what
+`classifier_activation` makes of them.
 """
 
 import keras
+import numpy as np
 import pytest
 
 import kernorm
@@ -110,3 +112,25 @@ def test_cifar_resnet_counts_are_the_published_ones_exactly():
     counts: the test above checks every position of the same blocks.)"""
     counts = {depth: zoo_checks.trainable_count(models.get(f"resnet{depth}")) for depth in (20, 110)}
     assert counts == {20: 269_722, 110: 1_727_962}
+
+
+HEADS = {
+    "mlp": (lambda **kwargs: models.mlp((8,), 4, hidden_units=(16,), **kwargs), (8,), "float32"),
+    "convnet": (lambda **kwargs: models.convnet((8, 8, 3), 4, filters=(8,), **kwargs), (8, 8, 3), "float32"),
+    "resnet8": (lambda **kwargs: models.resnet(8, (8, 8, 3), 4, base_filters=4, **kwargs), (8, 8, 3), "float32"),
+    "transformer": (lambda **kwargs: models.transformer_classifier(50, 8, 4, d_model=16, num_heads=2, num_layers=1, ff_dim=16, **kwargs), (8,), "int32"),
+    "vit": (lambda **kwargs: models.vit(8, 4, 4, d_model=16, num_heads=2, num_layers=1, ff_dim=16, **kwargs), (8, 8, 3), "float32"),
+    "rnn": (lambda **kwargs: models.rnn_classifier(50, 8, 4, units=8, **kwargs), (8,), "int32"),
+}
+
+
+@pytest.mark.parametrize("builder", list(HEADS))
+def test_models_output_logits_unless_the_head_is_given_an_activation(builder, rng):
+    build, shape, dtype = HEADS[builder]
+    x = rng.integers(1, 50, (3, *shape)) if dtype == "int32" else rng.normal(size=(3, *shape))
+    logits = np.asarray(build()(x.astype(dtype)))
+    probabilities = np.asarray(build(classifier_activation="softmax")(x.astype(dtype)))
+    assert logits.shape == probabilities.shape == (3, 4)
+    assert np.min(logits) < 0 or np.max(np.abs(logits.sum(-1) - 1.0)) > 1e-3
+    np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-6)
+    assert np.all(probabilities > 0)

@@ -21,15 +21,17 @@ from kernorm.models import data as datalib
 
 BATCH = 16
 STEPS_PER_EPOCH = MOCK_EXAMPLES // BATCH
-PEAK, DECAY = 0.1, 0.5  # large enough that one step of decoupled decay shows: weights times 0.95
+# Large enough that one step of decoupled decay shows (weights times 1 - 0.1 * 0.5); SGD's
+# default peak (0.05) in the run that takes the defaults.
+PEAK, DECAY, SGD_PEAK = 0.1, 0.5, 0.05
 NOT_DECAYED = ("gamma", "beta", "scale", "bias")
 
 
-def _args(out, seed=3, norm="rms", optimizer="adamw", epochs=2, warmup=0):
+def _args(out, seed=3, norm="rms", optimizer="adamw", epochs=2, warmup=0, peak=PEAK):
     return [
         "--model", "mlp", "--norm", norm, "--dataset", "fashion_mnist", "--batch-size", str(BATCH),
-        "--epochs", str(epochs), "--seed", str(seed), "--optimizer", optimizer, "--learning-rate", str(PEAK),
-        "--weight-decay", str(DECAY), "--warmup-steps", str(warmup), "--out", str(out),
+        "--epochs", str(epochs), "--seed", str(seed), "--optimizer", optimizer, "--weight-decay", str(DECAY),
+        "--warmup-steps", str(warmup), "--out", str(out), *(["--learning-rate", str(peak)] if peak else []),
     ]  # fmt: skip
 
 
@@ -85,9 +87,10 @@ def _train(args, *callbacks):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Three finished runs: "a" and "b" alike (seed 3, RMS norm, AdamW), "c" with seed 4, batch norm,
-    SGD and 2 warm-up steps, whose last epoch forgets what it learnt; each with its Probe."""
+    SGD at its default learning rate and 2 warm-up steps, whose last epoch forgets what it learnt;
+    each with its Probe."""
     root = tmp_path_factory.mktemp("policy")
-    configs = {"a": {}, "b": {}, "c": {"seed": 4, "norm": "batch", "optimizer": "sgd", "warmup": 2}}
+    configs = {"a": {}, "b": {}, "c": {"seed": 4, "norm": "batch", "optimizer": "sgd", "warmup": 2, "peak": None}}
     result = {}
     for name, config in configs.items():
         probe = Probe(peak_step=config.get("warmup", 0))
@@ -102,8 +105,9 @@ def _weights(path):
 
 @pytest.mark.parametrize("name", ["a", "c"])
 def test_weight_decay_skips_norm_weights_and_biases(runs, name):
-    _, probe, _, _ = runs[name]
-    assert probe.decay_rate == pytest.approx(PEAK)
+    _, probe, _, config = runs[name]
+    peak = config.get("peak", PEAK) or SGD_PEAK
+    assert probe.decay_rate == pytest.approx(peak)
     kinds = set()
     for path, before in probe.initial.items():
         after = probe.after_decay[path]
@@ -111,7 +115,7 @@ def test_weight_decay_skips_norm_weights_and_biases(runs, name):
             np.testing.assert_array_equal(after, before, err_msg=path)
             kinds.add(path.rsplit("/", 1)[-1])
         else:
-            np.testing.assert_allclose(after, before * (1.0 - PEAK * DECAY), rtol=1e-6, err_msg=path)
+            np.testing.assert_allclose(after, before * (1.0 - peak * DECAY), rtol=1e-6, err_msg=path)
             kinds.add("decayed")
     # RMS norm has a scale, batch norm a gamma and a beta; the head has a bias and a kernel.
     assert kinds == ({"scale", "bias", "decayed"} if name == "a" else {"gamma", "beta", "bias", "decayed"})
@@ -119,11 +123,12 @@ def test_weight_decay_skips_norm_weights_and_biases(runs, name):
 
 @pytest.mark.parametrize("name", ["a", "c"])
 def test_the_learning_rate_warms_up_then_follows_a_cosine_to_zero_at_the_last_step(runs, name):
-    _, probe, _, config = runs[name]
-    warmup = config.get("warmup", 0)
+    _, probe, metrics, config = runs[name]
+    warmup, peak = config.get("warmup", 0), config.get("peak", PEAK) or SGD_PEAK
+    assert metrics["args"]["learning_rate"] == peak
     total = 2 * STEPS_PER_EPOCH
     expected = [
-        PEAK * step / warmup if step < warmup else PEAK * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        peak * step / warmup if step < warmup else peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
         for step in range(total)
     ]
     np.testing.assert_allclose(probe.rates, expected, rtol=1e-6, atol=1e-9)
@@ -156,6 +161,21 @@ def test_best_keras_holds_the_best_validation_accuracy(runs):
         predicted = np.concatenate([np.argmax(model.predict(x, verbose=0), -1) for x, _ in validation])
         labels = np.concatenate([y.numpy() for _, y in validation])
     assert np.mean(predicted == labels) == pytest.approx(accuracies[0], abs=1e-6)
+
+
+def test_the_defaults_are_the_readme_s(image_run):  # noqa: F811
+    args = load_script("train").build_parser().parse_args(["--model", "mlp", "--dataset", "mnist", "--out", "run"])
+    defaults = {
+        "norm": None, "norm_kwargs": {}, "batch_size": 64, "epochs": 10, "max_train_examples": None,
+        "optimizer": "adamw", "weight_decay": 1e-4, "warmup_steps": 0, "mixed_precision": None,
+        "jit_compile": False, "seed": 0, "augment": None, "vocab_size": 20000, "sequence_length": 64,
+    }  # fmt: skip
+    assert {key: getattr(args, key) for key in defaults} == defaults
+    assert load_script("train").build_parser().parse_args(
+        ["--model", "mlp", "--dataset", "mnist", "--out", "run", "--mixed-precision"]
+    ).mixed_precision == "mixed_float16"
+    # AdamW's peak learning rate, as a run records it (SGD's: run "c" above).
+    assert json.loads((image_run / "metrics.json").read_text())["args"]["learning_rate"] == 1e-3
 
 
 # --- resume ---------------------------------------------------------------------------------
