@@ -433,9 +433,15 @@ TFLITE_HEADER = (
 
 
 def serving_markdown(rows, counts, info, args):
+    command = "python scripts/bench.py" + (" --quick" if args.quick else "")
+    command += " --only-serving" if args.only_serving else ""
+    if args.serving_rounds != (3 if args.quick else 5):
+        command += f" --serving-rounds {args.serving_rounds}"
+    load = info.get("load_average_end", info["load_average"])
+    busy = "" if load is None else f" (load average {info['load_average']} at the start, {load} at the end)"
     lines = [
-        f"Measured {info['date']} on {info['cores']} CPU cores ({info['cpu']}), TensorFlow {info['tensorflow']}, "
-        f"Keras {info['keras']}, by `python scripts/bench.py{' --quick' if args.quick else ''}`: each export called "
+        f"Measured {info['date']} on {info['cores']} CPU cores ({info['cpu']}){busy}, "
+        f"TensorFlow {info['tensorflow']}, Keras {info['keras']}, by `{command}`: each export called "
         f"back to back for about {args.serving_seconds:g} s per round, {args.serving_rounds} rounds with the variants "
         "in turn; ratios as median (min–max) over the rounds.",
         "",

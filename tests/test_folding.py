@@ -277,3 +277,26 @@ def test_tflite_folds_kernorm_batch_norm_as_it_folds_keras_batch_norm(rng):
     # Folded into the convolutions: the same ops as the network without norms.
     assert _tflite_ops(kernorm.fold_batch_norm(ours)) == counts["free"], counts
     assert counts["free"]["CONV_2D"] == 3 and not {"MUL", "ADD", "SUB", "TILE", "RESHAPE"} & set(counts["free"])
+
+
+def test_grappler_fuses_inference_batch_norm_into_the_convolution(rng):
+    """What a served SavedModel runs on CPU: Grappler's remapper turns each convolution with kernorm's batch
+    norm (and its ReLU) into one `_FusedConv2D`, where Keras's batch norm stays a multiply and an add."""
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.grappler import cluster, tf_optimizer
+
+    def optimized_ops(model):
+        function = tf.function(lambda x: model(x, training=False), autograph=False)
+        concrete = function.get_concrete_function(tf.TensorSpec((None, 16, 16, 3)))
+        graph_def = concrete.graph.as_graph_def(add_shapes=True)
+        for node in graph_def.node:
+            node.device = "/job:localhost/replica:0/task:0/device:CPU:0"
+        meta_graph = tf.compat.v1.train.export_meta_graph(graph_def=graph_def, graph=concrete.graph)
+        meta_graph.collection_def["train_op"].node_list.value.extend(t.op.name for t in concrete.outputs)
+        optimized = tf_optimizer.OptimizeGraph(config_pb2.ConfigProto(), meta_graph, cluster=cluster.Cluster())
+        return collections.Counter(node.op for node in optimized.node)
+
+    ours = optimized_ops(_randomize(_three_conv_network(kernorm.BatchNormalization), rng))
+    theirs = optimized_ops(_three_conv_network(keras.layers.BatchNormalization))
+    assert ours["_FusedConv2D"] == 3 and not ours["Conv2D"] and not ours["FusedBatchNormV3"], ours
+    assert theirs["Conv2D"] == 3 and theirs["Mul"] >= 3, theirs
