@@ -52,3 +52,26 @@ def in_xla_context():
         except AttributeError:  # a release that renamed the graph attributes it reads
             pass
     return True
+
+
+def all_layers(model):
+    """Every layer inside `model`, nested models' layers included, each once.
+
+    Keras's `Layer._flatten_layers()` (private) walks the tree; without it, the
+    public `layers` attribute of each model is walked instead, which reaches the
+    same layers in a functional or sequential model.
+    """
+    flatten = getattr(model, "_flatten_layers", None)
+    if flatten is not None:
+        try:
+            return list(flatten(include_self=False))
+        except TypeError:  # a release with another signature
+            pass
+    found, stack = [], list(reversed(getattr(model, "layers", [])))
+    while stack:
+        layer = stack.pop()
+        if any(layer is seen for seen in found):
+            continue
+        found.append(layer)
+        stack.extend(reversed(getattr(layer, "layers", [])))
+    return found

@@ -232,6 +232,7 @@ def load(
     data_dir=None,
     batch_size=64,
     max_train_examples=None,
+    max_eval_examples=None,
     augment=None,
     seed=0,
     vocab_size=DEFAULT_VOCAB_SIZE,
@@ -246,6 +247,7 @@ def load(
             TFDS's default.
         batch_size: examples per batch (the last batch may be smaller).
         max_train_examples: keep only the first this many training examples.
+        max_eval_examples: keep only the first this many validation examples.
         augment: random crop with padding and flip for training images; `None`
             means on for cifar10 only. Ignored for text.
         seed: for shuffling and augmentation.
@@ -290,11 +292,16 @@ def load(
         if not download:
             raise
         _download(dataset_builder, name, data_dir)
-        arguments = dict(batch_size=batch_size, max_train_examples=max_train_examples, augment=augment, seed=seed)
+        arguments = dict(
+            batch_size=batch_size, max_train_examples=max_train_examples, max_eval_examples=max_eval_examples,
+            augment=augment, seed=seed,
+        )  # fmt: skip
         return load(name, data_dir, **arguments, vocab_size=vocab_size, sequence_length=sequence_length, download=False)
     validation = _read(dataset_builder, validation_split, name, data_dir)
     if max_train_examples is not None:
         train = train.take(max_train_examples)
+    if max_eval_examples is not None:
+        validation = validation.take(max_eval_examples)
     train_examples = _count(train)
     validation_examples = _count(validation)
     if train_examples == 0:

@@ -1,6 +1,7 @@
 """Named model configurations: `get(name, **overrides)` and `names()`, for the scripts."""
 
 import functools
+import inspect
 
 from .cnn import convnet, mlp
 from .recurrent import rnn_classifier
@@ -60,6 +61,12 @@ def names():
 def defaults(name):
     """The keyword arguments `get(name)` builds with, before overrides."""
     return dict(_lookup(name)[1])
+
+
+def default_norm(name):
+    """The norm `get(name)` builds with when none is given."""
+    builder, config = _lookup(name)
+    return config.get("norm", inspect.signature(builder).parameters["norm"].default)
 
 
 def get(name, /, **overrides):

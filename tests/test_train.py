@@ -26,6 +26,8 @@ from script_runs import (  # noqa: F401
     train_mock,
 )
 
+from kernorm import export
+
 METRIC_KEYS = {
     "train_loss",
     "train_accuracy",
@@ -211,11 +213,10 @@ def test_overwrite_replaces_a_run_and_options_train(tmp_path):
 
 def test_export_is_atomic(tmp_path, monkeypatch):
     """A crash while writing leaves the previous export whole and no half-written saved_model/."""
-    train = load_script("train")
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     spec = tf.TensorSpec((None, 3), tf.float32, name="features")
     target = tmp_path / "saved_model"
-    train.export_saved_model(model, spec, target)
+    export.saved_model(model, spec, target)
     first = (target / "saved_model.pb").read_bytes()
 
     def crash(self, filepath, **kwargs):
@@ -227,7 +228,7 @@ def test_export_is_atomic(tmp_path, monkeypatch):
     # ExportArchive() builds an instance of the backend's subclass: patch that one.
     monkeypatch.setattr(type(keras.export.ExportArchive()), "write_out", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.export_saved_model(model, spec, target)
+        export.saved_model(model, spec, target)
     assert (target / "saved_model.pb").read_bytes() == first
     assert not (target / "partial").exists()
     monkeypatch.undo()

@@ -17,6 +17,7 @@ import pytest
 import tensorflow_datasets as tfds
 from script_runs import IMAGE_ARGS, MOCK_EXAMPLES, image_run, load_script, run_main, train_mock  # noqa: F401
 
+from kernorm import training
 from kernorm.models import data as datalib
 
 BATCH = 16
@@ -153,7 +154,7 @@ def test_best_keras_holds_the_best_validation_accuracy(runs):
     """The checkpoint is the training model (uint8 images in) of the epoch with the best val_accuracy,
     here the first: the last epoch of run "c" validates a model without its weights."""
     run = runs["c"][0]
-    accuracies = [row["val_accuracy"] for row in load_script("train")._read_history(run / "history.csv")]
+    accuracies = [row["val_accuracy"] for row in training.read_history(run / "history.csv")]
     assert accuracies[0] > accuracies[-1], accuracies
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
         validation = datalib.load("fashion_mnist", batch_size=BATCH).validation
@@ -171,6 +172,9 @@ def test_the_defaults_are_the_readme_s(image_run):  # noqa: F811
         "jit_compile": False, "seed": 0, "augment": None, "vocab_size": 20000, "sequence_length": 64,
     }  # fmt: skip
     assert {key: getattr(args, key) for key in defaults} == defaults
+    # The script parses; the library runs: both have the same defaults.
+    config = training.Config(model="mlp", dataset="mnist", out="run")
+    assert {key: getattr(config, key) for key in vars(args)} == vars(args)
     assert load_script("train").build_parser().parse_args(
         ["--model", "mlp", "--dataset", "mnist", "--out", "run", "--mixed-precision"]
     ).mixed_precision == "mixed_float16"
@@ -204,7 +208,7 @@ def test_resume_with_more_epochs_extends_a_finished_run(runs, tmp_path):
     probe = Probe()
     probe.on_train_begin = lambda logs=None: None  # only the learning rates of the steps run
     metrics = _train([*_args(run, epochs=3), "--resume"], probe)
-    history = load_script("train")._read_history(run / "history.csv")
+    history = training.read_history(run / "history.csv")
     assert [row["epoch"] for row in history] == [0, 1, 2]
     assert (metrics["epochs_completed"], metrics["initial_epoch"], metrics["epochs_run"]) == (3, 2, 1)
     # The third epoch continues the optimizer's steps, on the cosine of a 3-epoch run.
