@@ -148,7 +148,8 @@ def test_strided_layers_pad_as_the_reference(variant, size, rng):
         assert outputs["stem_act"].min() < 0
     for name, value in expected.items():
         assert outputs[name].shape == value.shape, name
-        np.testing.assert_allclose(outputs[name], value, rtol=1e-4, atol=1e-4 * np.abs(value).max(), err_msg=name)
+        # float32 against float64: measured up to 3e-7 of the largest value.
+        np.testing.assert_allclose(outputs[name], value, rtol=1e-5, atol=1e-5 * np.abs(value).max(), err_msg=name)
 
 
 def test_default_resnet50_has_the_references_conventions():

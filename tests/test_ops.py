@@ -37,7 +37,8 @@ def test_reference_gradients_match_finite_differences(name, function, rng):
         "masked": lambda x: ref.masked_batch_norm(x, -1, _MASK)[0],
     }[name]
     numeric = ref.finite_difference_grad(outputs_only, x, upstream)
-    ref.assert_close(function(x, upstream), numeric, 1e-6)
+    # Central differences in float64 with a step of 1e-6: measured 1.3e-9 at most.
+    ref.assert_close(function(x, upstream), numeric, 1e-8)
 
 
 _MASK = np.arange(3 * 3 * 4).reshape(3, 3, 4) % 3 != 0
@@ -50,8 +51,8 @@ def test_reference_parameter_gradients_match_finite_differences(rng):
     _, (_, d_gamma, d_beta), _, _ = ref.batch_norm(x, -1, gamma, beta, 1e-3, upstream)
     numeric_gamma = ref.finite_difference_grad(lambda g: ref.batch_norm(x, -1, g, beta)[0], gamma, upstream)
     numeric_beta = ref.finite_difference_grad(lambda b: ref.batch_norm(x, -1, gamma, b)[0], beta, upstream)
-    ref.assert_close(d_gamma, numeric_gamma, 1e-6)
-    ref.assert_close(d_beta, numeric_beta, 1e-6)
+    ref.assert_close(d_gamma, numeric_gamma, 1e-8)
+    ref.assert_close(d_beta, numeric_beta, 1e-8)
 
 
 # --- statistics ---------------------------------------------------------------
@@ -242,7 +243,7 @@ def test_xla_gives_the_results_it_gives_without(function, rng):
     plain = tf.function(lambda x: _gradients(function, x, upstream, []), autograph=False)(x)
     xla = tf.function(lambda x: _gradients(function, x, upstream, []), jit_compile=True, autograph=False)(x)
     ref.assert_close(xla[0], plain[0], 1e-6)
-    ref.assert_close(xla[1][0], plain[1][0], 1e-5)
+    ref.assert_close(xla[1][0], plain[1][0], tolerances.FLOAT32)
 
 
 # --- moving averages and renorm -------------------------------------------------
