@@ -24,7 +24,8 @@ from .recurrent import (
 )
 from .registry import get, names
 from .resnet import ChannelPadShortcut, resnet
-from .transformer import (
+from .transformer import transformer_classifier, vit
+from .transformer_layers import (
     ClassToken,
     FeedForward,
     MaskedGlobalAveragePooling1D,
@@ -34,8 +35,6 @@ from .transformer import (
     SelectToken,
     SelfAttention,
     TransformerEncoderBlock,
-    transformer_classifier,
-    vit,
 )
 
 __all__ = [

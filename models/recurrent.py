@@ -22,7 +22,7 @@ from keras.src import backend as keras_backend  # the loop of keras.layers.RNN, 
 from kernorm import ops, validation
 
 from . import common, norms
-from .transformer import MaskedGlobalAveragePooling1D, PaddingMask
+from .transformer_layers import MaskedGlobalAveragePooling1D, PaddingMask
 
 #: `max_steps` of the cells when none is given: per-step statistics for this many steps.
 DEFAULT_MAX_STEPS = 128

@@ -1,430 +1,47 @@
-"""Transformer builders, a text classifier and ViT, and the small layers they are made of.
+"""Transformer builders: a text classifier and ViT, whose norm is a constructor argument.
 
-Each encoder block is two `kernorm.AddNorm` residual blocks, self-attention and
-a feed-forward network: post-norm `norm(x + f(x))` or pre-norm
-`x + f(norm(x))`. In the text classifier, token id 0 is padding; the padding
-mask reaches the attention (as `attention_mask`), the norm (so batch norm
-statistics skip padded positions) and the mean pooling.
+Both run one encoder stack (`_encoder`) of `kernorm.models.transformer_layers.TransformerEncoderBlock`:
+post-norm `norm(x + f(x))` or pre-norm `x + f(norm(x))` blocks, and a final
+norm after a pre-norm stack. In the text classifier, token id 0 is padding; the
+padding mask reaches the attention (as `attention_mask`), the norms (so batch
+norm statistics skip padded positions) and the mean pooling.
 """
 
 import keras
-import tensorflow as tf
 from keras import initializers
 
-from kernorm.add_norm import AddNorm
-
 from . import common, norms
+from .transformer_layers import (
+    ClassToken,
+    MaskedGlobalAveragePooling1D,
+    PaddingMask,
+    PatchEmbedding,
+    PositionEmbedding,
+    SelectToken,
+    TransformerEncoderBlock,
+)
 
 #: ViT's norm epsilon unless `norm_kwargs` names one: timm's, keras-hub's and
 #: big_vision's layer norm.
 VIT_EPSILON = 1e-6
 
-@keras.saving.register_keras_serializable(package="kernorm")
-class PaddingMask(keras.layers.Layer):
-    """`token_ids != padding_id`: the boolean mask of the real tokens.
 
-    Args:
-        padding_id: the id of the padding token.
-        **kwargs: base layer arguments such as `name`.
-
-    Call arguments:
-        inputs: integer token ids of any shape.
-    """
-
-    def __init__(self, padding_id=0, **kwargs):
-        super().__init__(**kwargs)
-        self.padding_id = int(padding_id)
-
-    def call(self, inputs):
-        return keras.ops.not_equal(inputs, self.padding_id)
-
-    def compute_output_spec(self, inputs):
-        return keras.KerasTensor(inputs.shape, dtype="bool")
-
-    def get_config(self):
-        return {**super().get_config(), "padding_id": self.padding_id}
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class PositionEmbedding(keras.layers.Layer):
-    """Adds a learned embedding of each position: `outputs = inputs + embeddings[:length]`.
-
-    Sequences may be shorter than `sequence_length`; position `t` always gets
-    the same vector, so appending tokens never changes the earlier ones.
-
-    Args:
-        sequence_length: the longest sequence, the number of positions.
-        initializer: initializer for the `(sequence_length, features)` table.
-        **kwargs: base layer arguments such as `name`.
-
-    Call arguments:
-        inputs: `(batch, length, features)` with `length <= sequence_length`.
-    """
-
-    def __init__(self, sequence_length, initializer="glorot_uniform", **kwargs):
-        super().__init__(**kwargs)
-        self.sequence_length = common.positive_int(sequence_length, "sequence_length")
-        self.initializer = initializers.get(initializer)
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        if len(input_shape) != 3 or input_shape[-1] is None:
-            raise ValueError(f"PositionEmbedding needs (batch, length, features) inputs. Received: {tuple(input_shape)}")
-        if input_shape[1] is not None and input_shape[1] > self.sequence_length:
-            raise ValueError(
-                f"Sequences of length {input_shape[1]} exceed `sequence_length`={self.sequence_length}."
-            )
-        self.embeddings = self.add_weight(
-            shape=(self.sequence_length, input_shape[-1]), name="embeddings", initializer=self.initializer
+def _encoder(x, num_heads, ff_dim, num_layers, dropout, norm, norm_first, norm_kwargs, activation, mask=None):
+    """Embedded tokens `x` through `num_layers` encoder blocks, the final norm of a pre-norm stack, and
+    the layer "sequence_output"."""
+    d_model = x.shape[-1]
+    num_layers = common.positive_int(num_layers, "num_layers")
+    if d_model % common.positive_int(num_heads, "num_heads"):
+        raise ValueError(f"`num_heads`={num_heads} must divide `d_model`={d_model}.")
+    for i in range(1, num_layers + 1):
+        block = TransformerEncoderBlock(
+            num_heads, ff_dim, dropout, norm, norm_first, norm_kwargs, activation, name=f"block{i}"
         )
-
-    def call(self, inputs):
-        length = tf.shape(inputs)[1]
-        checked = tf.debugging.assert_less_equal(
-            length, self.sequence_length, message=f"Sequences longer than `sequence_length`={self.sequence_length}."
-        )
-        with tf.control_dependencies([checked] if checked is not None else []):
-            positions = self.embeddings[:length]
-        return inputs + keras.ops.cast(positions, inputs.dtype)[tf.newaxis]
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = {"sequence_length": self.sequence_length, "initializer": initializers.serialize(self.initializer)}
-        return {**super().get_config(), **config}
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class PatchEmbedding(keras.layers.Layer):
-    """Splits images into non-overlapping patches and projects each to `d_model` features.
-
-    A `patch_size` x `patch_size` convolution with stride `patch_size`,
-    flattened to a sequence of `(height / patch) * (width / patch)` tokens.
-
-    Args:
-        patch_size: side of a square patch, in pixels.
-        d_model: features of each token.
-        **kwargs: base layer arguments such as `name`.
-
-    Call arguments:
-        inputs: `(batch, height, width, channels)` images; the patch size must
-            divide height and width.
-    """
-
-    def __init__(self, patch_size, d_model, **kwargs):
-        super().__init__(**kwargs)
-        self.patch_size = common.positive_int(patch_size, "patch_size")
-        self.d_model = common.positive_int(d_model, "d_model")
-        self.projection = keras.layers.Conv2D(
-            self.d_model, self.patch_size, strides=self.patch_size, padding="valid", name="projection"
-        )
-
-    def build(self, input_shape):
-        if len(input_shape) != 4 or any(s is None or s % self.patch_size for s in input_shape[1:3]):
-            raise ValueError(
-                f"PatchEmbedding needs (batch, height, width, channels) images whose height and width "
-                f"`patch_size`={self.patch_size} divides. Received: input_shape={tuple(input_shape)}"
-            )
-        self.projection.build(input_shape)
-
-    def call(self, inputs):
-        x = self.projection(inputs)
-        return keras.ops.reshape(x, (-1, x.shape[1] * x.shape[2], self.d_model))
-
-    def compute_output_shape(self, input_shape):
-        patches = (input_shape[1] // self.patch_size) * (input_shape[2] // self.patch_size)
-        return (input_shape[0], patches, self.d_model)
-
-    def get_config(self):
-        return {**super().get_config(), "patch_size": self.patch_size, "d_model": self.d_model}
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class ClassToken(keras.layers.Layer):
-    """Prepends a learned class token to a sequence: `(batch, n, d)` -> `(batch, n + 1, d)`.
-
-    Args:
-        initializer: initializer for the `(1, 1, d)` token.
-        **kwargs: base layer arguments such as `name`.
-    """
-
-    def __init__(self, initializer="zeros", **kwargs):
-        super().__init__(**kwargs)
-        self.initializer = initializers.get(initializer)
-
-    def build(self, input_shape):
-        self.token = self.add_weight(shape=(1, 1, input_shape[-1]), name="token", initializer=self.initializer)
-
-    def call(self, inputs):
-        token = keras.ops.cast(self.token, inputs.dtype)
-        token = keras.ops.broadcast_to(token, (keras.ops.shape(inputs)[0], 1, inputs.shape[-1]))
-        return keras.ops.concatenate([token, inputs], axis=1)
-
-    def compute_output_shape(self, input_shape):
-        length = None if input_shape[1] is None else input_shape[1] + 1
-        return (input_shape[0], length, input_shape[2])
-
-    def get_config(self):
-        return {**super().get_config(), "initializer": initializers.serialize(self.initializer)}
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class SelfAttention(keras.layers.Layer):
-    """Multi-head self-attention with dropout on its output: a sublayer for `kernorm.AddNorm`.
-
-    `outputs = dropout(MultiHeadAttention(x, x, attention_mask))`, with
-    `key_dim = features // num_heads` and the output projected back to the
-    input's features.
-
-    Args:
-        num_heads: number of attention heads; must divide the features.
-        dropout: dropout rate on the attention probabilities and the output.
-        **kwargs: base layer arguments such as `name`.
-
-    Call arguments:
-        inputs: `(batch, length, features)`.
-        training: Python bool, for dropout.
-        attention_mask: optional boolean `(batch, length, length)`: which
-            positions each query may attend to.
-    """
-
-    def __init__(self, num_heads, dropout=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.num_heads = common.positive_int(num_heads, "num_heads")
-        self.dropout = common.dropout_rate(dropout)
-        self.attention = None
-        self.output_dropout = keras.layers.Dropout(self.dropout, name="output_dropout")
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        features = input_shape[-1]
-        if features % self.num_heads:
-            raise ValueError(f"`num_heads`={self.num_heads} must divide the features, {features}.")
-        self.attention = keras.layers.MultiHeadAttention(
-            self.num_heads, features // self.num_heads, dropout=self.dropout, name="attention"
-        )
-        self.attention.build(input_shape, input_shape)
-
-    def call(self, inputs, training=None, attention_mask=None):
-        outputs = self.attention(inputs, inputs, attention_mask=attention_mask, training=training)
-        return self.output_dropout(outputs, training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "num_heads": self.num_heads, "dropout": self.dropout}
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class FeedForward(keras.layers.Layer):
-    """The position-wise feed-forward network: `dropout(Dense(activation(Dense(x))))`.
-
-    Args:
-        hidden_dim: width of the hidden layer (`ff_dim`).
-        dropout: dropout rate on the output.
-        activation: the hidden activation.
-        **kwargs: base layer arguments such as `name`.
-
-    Call arguments:
-        inputs: `(..., features)`; the output has the same shape.
-        training: Python bool, for dropout.
-    """
-
-    def __init__(self, hidden_dim, dropout=0.0, activation="relu", **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_dim = common.positive_int(hidden_dim, "hidden_dim")
-        self.dropout = common.dropout_rate(dropout)
-        self.activation = keras.activations.get(activation)
-        self.hidden = keras.layers.Dense(self.hidden_dim, activation=self.activation, name="hidden")
-        self.output_dense = None
-        self.output_dropout = keras.layers.Dropout(self.dropout, name="output_dropout")
-        self.supports_masking = True
-
-    def build(self, input_shape):
-        self.hidden.build(input_shape)
-        self.output_dense = keras.layers.Dense(input_shape[-1], name="output")
-        self.output_dense.build((*input_shape[:-1], self.hidden_dim))
-
-    def call(self, inputs, training=None):
-        return self.output_dropout(self.output_dense(self.hidden(inputs)), training=training)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = {
-            "hidden_dim": self.hidden_dim,
-            "dropout": self.dropout,
-            "activation": keras.activations.serialize(self.activation),
-        }
-        return {**super().get_config(), **config}
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class TransformerEncoderBlock(keras.layers.Layer):
-    """A Transformer encoder block: self-attention and a feed-forward network, each in `kernorm.AddNorm`.
-
-    Post-norm (`norm_first=False`, Vaswani et al.):
-
-        h = norm1(x + SelfAttention(x))
-        outputs = norm2(h + FeedForward(h))
-
-    Pre-norm (`norm_first=True`, ViT, GPT-2):
-
-        h = x + SelfAttention(norm1(x))
-        outputs = h + FeedForward(norm2(h))
-
-    Args:
-        num_heads: number of attention heads; must divide the features.
-        ff_dim: width of the feed-forward hidden layer.
-        dropout: dropout rate on the attention probabilities and on the
-            outputs of both sublayers.
-        norm: a name from `kernorm.norm_names()` (see `kernorm.models.norms`
-            for what each normalizes over on tokens), a Layer class, a
-            callable returning a layer, a Keras config dict, or None.
-        norm_first: pre-norm (True) or post-norm (False).
-        norm_kwargs: dict of extra arguments for the norms.
-        activation: the feed-forward activation.
-        **kwargs: base layer arguments such as `name`.
-
-    Call arguments:
-        inputs: `(batch, length, features)`.
-        mask: optional boolean `(batch, length)`, False at padding. Queries
-            attend only to real keys, and batch statistics skip padding.
-        training: Python bool.
-
-    Reference:
-        - [Vaswani et al., 2017](https://arxiv.org/abs/1706.03762).
-        - [Xiong et al., 2020](https://arxiv.org/abs/2002.04745) (pre-norm).
-    """
-
-    def __init__(
-        self, num_heads, ff_dim, dropout=0.0, norm="layer", norm_first=False, norm_kwargs=None,
-        activation="relu", **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.num_heads = common.positive_int(num_heads, "num_heads")
-        self.ff_dim = common.positive_int(ff_dim, "ff_dim")
-        self.dropout = common.dropout_rate(dropout)
-        # A class or a partial is kept as the config of the layer it builds, so
-        # that get_config is JSON; an unknown name fails here, not at build time.
-        self.norm = norms.serializable(norm, norm_kwargs)
-        self.norm_first = bool(norm_first)
-        self.norm_kwargs = dict(norm_kwargs or {})
-        self.activation = keras.activations.get(activation)
-        self.supports_masking = True
-        self.attention_block = None
-        self.feedforward_block = None
-
-    def build(self, input_shape):
-        features = input_shape[-1]
-        norm, norm_kwargs = norms.token_norm(self.norm, features, self.norm_kwargs)
-
-        def add_norm(sublayer, name):
-            return AddNorm(sublayer, norm=norm, norm_first=self.norm_first, norm_kwargs=norm_kwargs, name=name)
-
-        self.attention_block = add_norm(SelfAttention(self.num_heads, self.dropout, name="self_attention"), "attention")
-        self.feedforward_block = add_norm(
-            FeedForward(self.ff_dim, self.dropout, self.activation, name="feedforward"), "feedforward"
-        )
-        self.attention_block.build(input_shape)
-        self.feedforward_block.build(input_shape)
-
-    def call(self, inputs, mask=None, training=None):
-        attention_mask = None
-        if mask is not None:
-            mask = keras.ops.cast(mask, "bool")
-            # Every query attends to the real keys only.
-            attention_mask = keras.ops.logical_and(
-                keras.ops.ones_like(mask)[:, :, None], mask[:, None, :]
-            )
-        x = self.attention_block(inputs, training=training, mask=mask, attention_mask=attention_mask)
-        return self.feedforward_block(x, training=training, mask=mask)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def compute_mask(self, inputs, mask=None):
-        return mask
-
-    def get_config(self):
-        config = {
-            "num_heads": self.num_heads,
-            "ff_dim": self.ff_dim,
-            "dropout": self.dropout,
-            "norm": self.norm,
-            "norm_first": self.norm_first,
-            "norm_kwargs": self.norm_kwargs,
-            "activation": keras.activations.serialize(self.activation),
-        }
-        return {**super().get_config(), **config}
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class MaskedGlobalAveragePooling1D(keras.layers.Layer):
-    """The mean over the real positions of each sequence.
-
-        outputs = sum_t(mask[t] * x[t]) / max(sum_t(mask[t]), 1)
-
-    Padded positions contribute nothing, whatever their values (even NaN);
-    a sequence with no real position gives zeros.
-
-    Call arguments:
-        inputs: `(batch, length, features)`.
-        mask: optional boolean `(batch, length)`, False at padding; without it,
-            every position counts.
-    """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.supports_masking = True
-
-    def call(self, inputs, mask=None):
-        if mask is None:
-            return keras.ops.mean(inputs, axis=1)
-        mask = keras.ops.cast(mask, "bool")[:, :, None]
-        total = keras.ops.sum(keras.ops.where(mask, inputs, keras.ops.zeros_like(inputs)), axis=1)
-        count = keras.ops.sum(keras.ops.cast(mask, inputs.dtype), axis=1)
-        return total / keras.ops.maximum(count, 1.0)
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[2])
-
-    def compute_mask(self, inputs, mask=None):
-        # The time axis is gone, and with it the mask.
-        return None
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class SelectToken(keras.layers.Layer):
-    """The token at `index` of each sequence: `inputs[:, index]` (ViT's class token).
-
-    Args:
-        index: the position to take.
-        **kwargs: base layer arguments such as `name`.
-    """
-
-    def __init__(self, index=0, **kwargs):
-        super().__init__(**kwargs)
-        self.index = int(index)
-
-    def call(self, inputs):
-        return inputs[:, self.index]
-
-    def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[2])
-
-    def get_config(self):
-        return {**super().get_config(), "index": self.index}
-
-
-def _final_norm(x, norm, norm_kwargs, mask=None):
-    layer = norms.make_token_norm(norm, x.shape[-1], norm_kwargs, name="final_norm")
-    if mask is not None and norms.takes_mask(layer):
-        return layer(x, mask=mask)
-    return layer(x)
+        x = block(x) if mask is None else block(x, mask=mask)
+    if norm_first:
+        layer = norms.make_token_norm(norm, d_model, norm_kwargs, name="final_norm")
+        x = layer(x, mask=mask) if mask is not None and norms.takes_mask(layer) else layer(x)
+    return keras.layers.Identity(name="sequence_output")(x)
 
 
 def transformer_classifier(
@@ -483,24 +100,14 @@ def transformer_classifier(
     """
     vocab_size = common.positive_int(vocab_size, "vocab_size")
     d_model = common.positive_int(d_model, "d_model")
-    num_layers = common.positive_int(num_layers, "num_layers")
     dropout = common.dropout_rate(dropout)
-    if d_model % common.positive_int(num_heads, "num_heads"):
-        raise ValueError(f"`num_heads`={num_heads} must divide `d_model`={d_model}.")
     tokens = keras.Input((None,), dtype="int32", name="token_ids")
     mask = PaddingMask(name="padding_mask")(tokens)
     x = keras.layers.Embedding(vocab_size, d_model, name="token_embedding")(tokens)
     x = PositionEmbedding(sequence_length, name="position_embedding")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
-    for i in range(1, num_layers + 1):
-        block = TransformerEncoderBlock(
-            num_heads, ff_dim, dropout, norm, norm_first, norm_kwargs, activation, name=f"block{i}"
-        )
-        x = block(x, mask=mask)
-    if norm_first:
-        x = _final_norm(x, norm, norm_kwargs, mask)
-    x = keras.layers.Identity(name="sequence_output")(x)
+    x = _encoder(x, num_heads, ff_dim, num_layers, dropout, norm, norm_first, norm_kwargs, activation, mask)
     x = MaskedGlobalAveragePooling1D(name="pool")(x, mask=mask)
     if dropout:
         x = keras.layers.Dropout(dropout, name="pool_dropout")(x)
@@ -575,10 +182,7 @@ def vit(
     if height % patch_size or width % patch_size:
         raise ValueError(f"`patch_size`={patch_size} must divide the image size ({height}, {width}).")
     d_model = common.positive_int(d_model, "d_model")
-    num_layers = common.positive_int(num_layers, "num_layers")
     dropout = common.dropout_rate(dropout)
-    if d_model % common.positive_int(num_heads, "num_heads"):
-        raise ValueError(f"`num_heads`={num_heads} must divide `d_model`={d_model}.")
     num_patches = (height // patch_size) * (width // patch_size)
     norm_kwargs = norms.with_default_epsilon(norm, norm_kwargs, VIT_EPSILON)
 
@@ -589,13 +193,7 @@ def vit(
     x = PositionEmbedding(num_patches + 1, initializer=position_initializer, name="position_embedding")(x)
     if dropout:
         x = keras.layers.Dropout(dropout, name="embedding_dropout")(x)
-    for i in range(1, num_layers + 1):
-        x = TransformerEncoderBlock(
-            num_heads, ff_dim, dropout, norm, norm_first, norm_kwargs, activation, name=f"block{i}"
-        )(x)
-    if norm_first:
-        x = _final_norm(x, norm, norm_kwargs)
-    x = keras.layers.Identity(name="sequence_output")(x)
+    x = _encoder(x, num_heads, ff_dim, num_layers, dropout, norm, norm_first, norm_kwargs, activation)
     x = SelectToken(0, name="pool")(x)
     outputs = common.head(x, num_classes, classifier_activation)
     return keras.Model(images, outputs, name=name)
