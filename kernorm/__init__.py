@@ -12,6 +12,7 @@ from kernorm.group_normalization import GroupNorm, GroupNormalization  # noqa: E
 from kernorm.layer_normalization import LayerNorm, LayerNormalization  # noqa: E402
 from kernorm.registry import get_norm, norm_names  # noqa: E402
 from kernorm.rms_normalization import RMSNorm, RMSNormalization  # noqa: E402
+from kernorm.token_group_normalization import TokenGroupNormalization  # noqa: E402
 
 # The zoo's layers register themselves on import, so that `import kernorm` alone loads any
 # `.keras` file kernorm or its zoo wrote. The zoo imports no data pipeline (TFDS) to do it.
@@ -29,6 +30,7 @@ __all__ = [
     "LayerNormalization",
     "RMSNorm",
     "RMSNormalization",
+    "TokenGroupNormalization",
     "fold_batch_norm",
     "get_norm",
     "models",

@@ -1,8 +1,6 @@
-import copy
-
 import keras
 
-from kernorm.registry import get_norm
+from kernorm import registry
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
@@ -58,7 +56,7 @@ class AddNorm(keras.layers.Layer):
         self.norm = norm
         self.norm_first = bool(norm_first)
         self.norm_kwargs = dict(norm_kwargs or {})
-        self.norm_layer = get_norm(norm, name="norm", **self.norm_kwargs)
+        self.norm_layer = registry.get_norm(norm, name="norm", **self.norm_kwargs)
         self.supports_masking = True
 
     def build(self, input_shape):
@@ -72,7 +70,7 @@ class AddNorm(keras.layers.Layer):
         return self._norm(inputs + self.sublayer(inputs, training=training, **sublayer_kwargs), training, mask)
 
     def _norm(self, x, training, mask):
-        if mask is not None and isinstance(self.norm_layer, keras.layers.Layer) and _takes_mask(self.norm_layer):
+        if mask is not None and registry.takes_mask(self.norm_layer):
             return self.norm_layer(x, training=training, mask=mask)
         return self.norm_layer(x, training=training)
 
@@ -82,22 +80,9 @@ class AddNorm(keras.layers.Layer):
     def get_config(self):
         config = {
             "sublayer": keras.layers.serialize(self.sublayer),
-            "norm": _serializable_norm(self.norm, self.norm_layer),
+            "norm": registry.serializable(self.norm, self.norm_layer),
             "norm_first": self.norm_first,
             "norm_kwargs": self.norm_kwargs,
         }
         return {**super().get_config(), **config}
 
-
-def _serializable_norm(norm, norm_layer):
-    """`norm` as JSON: a name, None or a config dict as given; a class or a callable
-    as the config of the layer it built, without its build state (`build` builds it)."""
-    if norm is None or isinstance(norm, (str, dict)):
-        return norm
-    config = copy.deepcopy(keras.layers.serialize(norm_layer))
-    config.pop("build_config", None)
-    return config
-
-
-def _takes_mask(layer):
-    return "mask" in layer._call_signature.parameters if hasattr(layer, "_call_signature") else False

@@ -1,5 +1,8 @@
-"""`get_norm`: the one way a constructor argument becomes a normalization layer."""
+"""Norm specifications: `get_norm`, the one way a constructor argument becomes a normalization layer, and
+what the zoo and `AddNorm` ask of a specification (its name, whether it normalizes at all, a JSON form for
+a layer config, whether the layer takes a mask)."""
 
+import copy
 import functools
 import inspect
 
@@ -82,17 +85,64 @@ def get_norm(spec, **kwargs):
     return layer
 
 
-def accepts(spec, argument):
-    """Whether the layer that `spec` builds takes the constructor `argument`."""
-    if spec is None or (isinstance(spec, str) and spec.lower() == "none"):
-        return False
-    if isinstance(spec, str):
-        spec = _NORMS.get(spec.lower())
-    if isinstance(spec, dict) or spec is None:
-        return True
-    target = spec.func if isinstance(spec, functools.partial) else spec
+def norm_key(spec):
+    """The lower-case name of a norm given by name or None; None for any other form.
+
+    Raises a `ValueError` listing the known names for an unknown name.
+    """
+    if spec is None:
+        return "none"
+    if not isinstance(spec, str):
+        return None
+    key = spec.lower()
+    if key not in _NORMS:
+        raise ValueError(f"Unknown norm {spec!r}. Known norms: {', '.join(norm_names())}.")
+    return key
+
+
+def is_identity(spec):
+    """Whether `spec` builds no normalization at all (None, "none" or the Identity class)."""
+    if isinstance(spec, functools.partial):
+        spec = spec.func
+    if isinstance(spec, dict):
+        return spec.get("class_name") == "Identity"
+    return norm_key(spec) == "none" or spec is keras.layers.Identity
+
+
+def serializable(spec, layer=None, **kwargs):
+    """`spec` in a JSON form for a layer config: a name, None or a config dict stays as given; a class
+    or a callable becomes the config of the layer it builds (`layer`, or `get_norm(spec, **kwargs)`)."""
+    if spec is None or isinstance(spec, (str, dict)):
+        return spec
+    return layer_config(layer if layer is not None else get_norm(spec, **kwargs))
+
+
+def layer_config(layer):
+    """The Keras config dict of `layer`, without its name and build state, as a private copy.
+
+    Inside `keras.saving.load_model` an object-sharing scope is active: it
+    marks configs of objects with the same `id()` as one shared object. A
+    temporary layer's address can be reused by a later temporary, and
+    deserializing both configs would then give one layer instance twice. A deep
+    copy without the marks avoids that.
+    """
+    config = _without_sharing(copy.deepcopy(keras.layers.serialize(layer)))
+    config["config"].pop("name", None)
+    config.pop("build_config", None)
+    return config
+
+
+def _without_sharing(config):
+    if isinstance(config, dict):
+        return {k: _without_sharing(v) for k, v in config.items() if k != "shared_object_id"}
+    if isinstance(config, list):
+        return [_without_sharing(v) for v in config]
+    return config
+
+
+def takes_mask(layer):
+    """Whether `layer.call` accepts a `mask` argument (kernorm's BatchNormalization does)."""
     try:
-        parameters = inspect.signature(target).parameters
+        return "mask" in inspect.signature(layer.call).parameters
     except (TypeError, ValueError):
-        return True
-    return argument in parameters
+        return False

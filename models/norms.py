@@ -17,46 +17,15 @@ Anything else (a layer class, a partial, a config dict) goes to
 `kernorm.get_norm` unchanged, with `norm_kwargs`.
 """
 
-import copy
-import functools
-import inspect
-
-import keras
-import tensorflow as tf
-
-from kernorm import ops, validation
-from kernorm.group_normalization import GroupNormalization
-from kernorm.registry import get_norm, norm_names
+from kernorm import registry
+from kernorm.registry import get_norm, is_identity, norm_key, takes_mask  # noqa: F401 (the zoo uses them as norms.*)
+from kernorm.token_group_normalization import TokenGroupNormalization
 
 #: Groups used by "group" unless `norm_kwargs` names `groups`.
 DEFAULT_GROUPS = 32
 #: Without spatial axes a group is only its features; fewer than this many
 #: values make a group's statistics meaningless (two values normalize to +-1).
 MIN_FEATURES_PER_GROUP = 8
-
-
-def norm_key(norm):
-    """The lower-case name of a norm given by name or None; None for any other form.
-
-    Raises a `ValueError` listing the known names for an unknown name.
-    """
-    if norm is None:
-        return "none"
-    if not isinstance(norm, str):
-        return None
-    key = norm.lower()
-    if key not in norm_names():
-        raise ValueError(f"Unknown norm {norm!r}. Known norms: {', '.join(norm_names())}.")
-    return key
-
-
-def is_identity(norm):
-    """Whether `norm` builds no normalization at all (None, "none" or the Identity class)."""
-    if isinstance(norm, functools.partial):
-        norm = norm.func
-    if isinstance(norm, dict):
-        return norm.get("class_name") == "Identity"
-    return norm_key(norm) == "none" or norm is keras.layers.Identity
 
 
 def fit_groups(channels, groups=DEFAULT_GROUPS, min_group_size=1):
@@ -113,37 +82,12 @@ def token_norm(norm, features, norm_kwargs=None):
         layer = TokenGroupNormalization(groups=_vector_groups(features, kwargs), **kwargs)
     else:
         layer = get_norm(norm, **kwargs)
-    return _layer_config(layer), {}
+    return registry.layer_config(layer), {}
 
 
 def serializable(norm, norm_kwargs=None):
-    """`norm` in a JSON-friendly form for a layer config: a name stays a name;
-    a class, a callable or a dict becomes the Keras config dict of the layer it builds."""
-    if norm_key(norm) is not None:
-        return norm
-    return _layer_config(get_norm(norm, **_kwargs(norm_kwargs, None)))
-
-
-def _layer_config(layer):
-    """The Keras config dict of `layer`, without its name, as a private copy.
-
-    Inside `keras.saving.load_model` an object-sharing scope is active: it
-    marks configs of objects with the same `id()` as one shared object. The
-    layer here is temporary, so a later temporary at the same address would
-    be marked as the same object, and deserializing both configs would give
-    one layer instance twice. A deep copy without the marks avoids that.
-    """
-    config = _without_sharing(copy.deepcopy(keras.layers.serialize(layer)))
-    config["config"].pop("name", None)
-    return config
-
-
-def _without_sharing(config):
-    if isinstance(config, dict):
-        return {k: _without_sharing(v) for k, v in config.items() if k != "shared_object_id"}
-    if isinstance(config, list):
-        return [_without_sharing(v) for v in config]
-    return config
+    """`norm` in a JSON form for a layer config (`kernorm.registry.serializable`), built with `norm_kwargs`."""
+    return registry.serializable(norm, **_kwargs(norm_kwargs, None))
 
 
 def make_token_norm(norm, features, norm_kwargs=None, name=None):
@@ -164,14 +108,6 @@ def with_default_epsilon(norm, norm_kwargs, epsilon):
     return kwargs
 
 
-def takes_mask(layer):
-    """Whether `layer.call` accepts a `mask` argument (kernorm's BatchNormalization does)."""
-    try:
-        return "mask" in inspect.signature(layer.call).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _kwargs(norm_kwargs, name):
     if norm_kwargs is not None and not isinstance(norm_kwargs, dict):
         raise TypeError(f"Expected `norm_kwargs` to be a dict or None. Received: {norm_kwargs!r}")
@@ -190,54 +126,3 @@ def _vector_groups(features, kwargs):
     if "groups" in kwargs:
         return fit_groups(features, kwargs.pop("groups"))
     return fit_groups(features, DEFAULT_GROUPS, MIN_FEATURES_PER_GROUP)
-
-
-@keras.saving.register_keras_serializable(package="kernorm")
-class TokenGroupNormalization(GroupNormalization):
-    """Group normalization of the last axis at every position: each token's features, in groups.
-
-    `kernorm.GroupNormalization` takes its statistics over every non-batch axis,
-    so on a (batch, tokens, features) tensor each group would mix tokens (and
-    padding). This layer treats every position as its own sample:
-
-        outputs = gamma * (x - mean_group(x)) / sqrt(var_group(x) + epsilon) + beta
-
-    with the mean and variance over one group of one token's features.
-    `groups=1` is layer normalization over the features.
-
-    Args:
-        groups: number of groups; must divide the features. -1 for one
-            feature per group (which normalizes each value to `beta`).
-        **kwargs: every other argument of `kernorm.GroupNormalization` except
-            `axis`, which is the last axis.
-
-    Call arguments:
-        inputs: a float tensor of rank >= 2; the features on the last axis.
-
-    Example:
-
-    >>> layer = TokenGroupNormalization(groups=4)
-    >>> y = layer(np.random.rand(2, 5, 16).astype("float32"))
-
-    Reference:
-        - [Wu and He, 2018](https://arxiv.org/abs/1803.08494).
-    """
-
-    def __init__(self, groups=32, **kwargs):
-        axis = kwargs.pop("axis", -1)
-        if axis != -1:
-            raise ValueError(f"TokenGroupNormalization normalizes the last axis; received axis={axis!r}.")
-        super().__init__(groups=groups, axis=-1, **kwargs)
-
-    def build(self, input_shape):
-        if len(input_shape) < 2:
-            raise ValueError(f"TokenGroupNormalization needs inputs of rank >= 2. Received: {tuple(input_shape)}")
-        super().build((None, input_shape[-1]))
-        self.input_spec = keras.layers.InputSpec(min_ndim=2, axes={-1: input_shape[-1]})
-
-    def call(self, inputs):
-        validation.float_inputs(inputs, self)
-        shape = tf.shape(inputs)
-        flat = tf.reshape(inputs, [-1, inputs.shape[-1]])
-        outputs = ops.group_norm(flat, self._groups, 1, self.gamma, self.beta, self.epsilon)
-        return keras.ops.cast(tf.reshape(outputs, shape), self.compute_dtype)
