@@ -144,10 +144,10 @@ def load(path, runtime=None, signature_name=DEFAULT_SIGNATURE):
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
         if not os.path.exists(os.path.join(path, RUN_FILES[runtime])):
-            raise RequestError(
-                f"no SavedModel at {path} (no saved_model.pb there)" if runtime == "tf" else
-                f"no {RUN_FILES[runtime]} in {path}: train.py writes it with --{'tflite' if runtime == 'litert' else runtime}"
-            )
+            if runtime == "tf":
+                raise RequestError(f"no SavedModel at {path} (no saved_model.pb there)")
+            flag = "--tflite" if runtime == "litert" else "--onnx"
+            raise RequestError(f"no {RUN_FILES[runtime]} in {path}: train.py writes it with {flag}")
         path = os.path.join(path, RUN_FILES[runtime])
     elif runtime != "tf" and os.path.isdir(path):
         raise RequestError(f"--runtime {runtime} reads a {RUN_FILES[runtime]} file or a run folder, not a SavedModel")
