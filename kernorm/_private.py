@@ -26,7 +26,27 @@ TensorFlow:
     `kernorm.ops` turns into the biased one itself.
   No probe is needed: these are the documented contracts, and the float64
   references of tests/test_fast_paths.py check every path that uses them.
+
+Keras:
+
+- `all_layers(model)`: `Layer._flatten_layers()`; without it, the public
+  `layers` attribute of each nested model is walked.
+- `is_functional(model)`: the unexported `keras.src.models.functional.Functional`;
+  without it, the class names of the model's type.
+- `rnn_loop()`: `keras.src.backend.rnn`, the loop of `keras.layers.RNN` (masks,
+  unrolling); without it, `scan_rnn`, the same contract without those options.
+
+TensorFlow Datasets (passed in, so that `import kernorm` does not import TFDS):
+
+- `tfds_default_data_dir(tfds)`: `tfds.core.constants`; without it,
+  `~/tensorflow_datasets`, TFDS's documented default.
+- `tfds_not_found_errors(tfds)`: `tfds.core.registered.DatasetNotFoundError`;
+  without it, `ValueError` alone.
+
+tests/test_private_apis.py runs these fallbacks.
 """
+
+import os
 
 import tensorflow as tf
 
@@ -75,3 +95,57 @@ def all_layers(model):
         found.append(layer)
         stack.extend(reversed(getattr(layer, "layers", [])))
     return found
+
+
+def is_functional(model):
+    """Whether `model` is a functional Keras model (not a Sequential one, which holds one), whose layer
+    graph can be rebuilt.
+
+    Keras does not export its `Functional` class (`keras.src.models.functional`);
+    without it, the class names along the model's type hierarchy tell.
+    """
+    try:
+        from keras.src.models.functional import Functional
+    except ImportError:
+        return any(cls.__name__ == "Functional" for cls in type(model).__mro__)
+    return isinstance(model, Functional)
+
+
+def rnn_loop():
+    """Keras's RNN loop, `keras.src.backend.rnn(step, inputs, initial_states, ...)`: what `keras.layers.RNN`
+    runs, masks and unrolling included. Without it, `scan_rnn`: the same contract, without `mask` and `unroll`."""
+    try:
+        from keras.src.backend import rnn
+    except ImportError:
+        return scan_rnn
+    return rnn
+
+
+def scan_rnn(step, inputs, initial_states, go_backwards=False, return_all_outputs=True, **unused):
+    """`(last_output, outputs, states)` of `step(input_t, states) -> (output_t, states)` over axis 1 of `inputs`."""
+    del unused
+    steps = tf.unstack(inputs, axis=1)
+    if go_backwards:
+        steps = steps[::-1]
+    states, outputs = list(initial_states), []
+    for step_input in steps:
+        output, states = step(step_input, states)
+        states = tf.nest.flatten(states)
+        outputs.append(output)
+    stacked = tf.stack(outputs, axis=1) if return_all_outputs else outputs[-1][:, tf.newaxis]
+    return outputs[-1], stacked, states
+
+
+def tfds_default_data_dir(tfds):
+    """TFDS's default data folder (`tfds.core.constants`), else the documented `~/tensorflow_datasets`."""
+    try:
+        return tfds.core.constants.get_default_data_dir()
+    except AttributeError:
+        return os.path.expanduser("~/tensorflow_datasets")
+
+
+def tfds_not_found_errors(tfds):
+    """The exceptions `tfds.builder` raises for an unknown name: `ValueError`, and TFDS's own
+    `DatasetNotFoundError` (in `tfds.core.registered`) where it has one."""
+    error = getattr(getattr(getattr(tfds, "core", None), "registered", None), "DatasetNotFoundError", None)
+    return (ValueError,) if error is None else (ValueError, error)

@@ -20,13 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from kernorm import ops, validation
+from kernorm import _private, ops, validation
 from kernorm.batch_normalization import BatchNormalization
-
-try:  # the class of functional models; not exported by Keras
-    from keras.src.models.functional import Functional
-except ImportError:  # pragma: no cover
-    Functional = None
 
 __all__ = ["fold_batch_norm", "recalibrate_batch_norm"]
 
@@ -111,7 +106,7 @@ def _as_functional(model, name):
         if len(model.inputs) > 1:
             return keras.Model(model.inputs, model.outputs, name=model.name)
         return keras.Model(model.inputs[0], model.outputs[0], name=model.name)
-    if Functional is None or not isinstance(model, Functional):
+    if not _private.is_functional(model):
         raise TypeError(
             f"fold_batch_norm needs a functional or Sequential keras.Model, whose graph of layers it can "
             f"rewrite; {model.name!r} is a subclassed model ({type(model).__name__}). Build it with "
@@ -124,7 +119,7 @@ def _graph_layers(model):
     """Every layer of a functional model's graph, nested functional and Sequential models included."""
     for layer in model.layers:
         yield layer
-        if isinstance(layer, keras.Sequential) or (Functional is not None and isinstance(layer, Functional)):
+        if isinstance(layer, keras.Sequential) or _private.is_functional(layer):
             yield from _graph_layers(layer)
 
 
@@ -319,7 +314,7 @@ def recalibrate_batch_norm(model, dataset, steps=None, verbose="auto"):
             f"Expected `dataset` to be a tf.data.Dataset or an iterable of batches. Received: dataset of type "
             f"{type(dataset).__name__}"
         ) from None
-    norms = [layer for layer in model._flatten_layers() if isinstance(layer, BATCH_NORMS) and layer.trainable]
+    norms = [layer for layer in _private.all_layers(model) if isinstance(layer, BATCH_NORMS) and layer.trainable]
     if not norms:
         return {"steps": 0, "examples": 0, "layers": 0}
     saved = [[variable.numpy() for variable in norm.non_trainable_variables] for norm in norms]

@@ -39,6 +39,8 @@ import keras
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from kernorm import _private
+
 DEFAULT_VOCAB_SIZE = 20000
 DEFAULT_SEQUENCE_LENGTH = 64
 # Splits tried, in order, for validation: GLUE keeps labels only on
@@ -60,7 +62,7 @@ class DatasetMissingError(FileNotFoundError):
 
 def default_data_dir():
     """`TFDS_DATA_DIR` if set, else TFDS's own default (`~/tensorflow_datasets`)."""
-    return os.environ.get("TFDS_DATA_DIR") or tfds.core.constants.get_default_data_dir()
+    return os.environ.get("TFDS_DATA_DIR") or _private.tfds_default_data_dir(tfds)
 
 
 def prepared_datasets(data_dir):
@@ -112,7 +114,7 @@ def builder(name, data_dir=None):
         )
     try:
         dataset_builder = tfds.builder(name, data_dir=data_dir)
-    except (ValueError, tfds.core.registered.DatasetNotFoundError) as error:
+    except _private.tfds_not_found_errors(tfds) as error:
         first_line = str(error).strip().splitlines()[0]
         raise UnknownDatasetError(f"Unknown dataset {name!r}: {first_line} {_choices_hint(name, data_dir)}") from None
     task(dataset_builder.info)  # raises for datasets of another kind

@@ -17,9 +17,8 @@ import inspect
 import keras
 import tensorflow as tf
 from keras import constraints, initializers, regularizers
-from keras.src import backend as keras_backend  # the loop of keras.layers.RNN, which MaskedRNN feeds
 
-from kernorm import ops, validation
+from kernorm import _private, ops, validation
 
 from . import common, norms
 from .transformer_layers import MaskedGlobalAveragePooling1D, PaddingMask
@@ -513,7 +512,7 @@ class MaskedRNN(keras.layers.RNN):
         # The mask goes to the step, not to the backend: the backend would mask the step counter too.
         batch = tf.shape(sequences)[0]
         no_output = tf.zeros((batch, self.cell.output_size), self.cell.compute_dtype)
-        last_output, outputs, states = keras_backend.rnn(
+        last_output, outputs, states = _private.rnn_loop()(
             step,
             sequences,
             [*initial_state, no_output, tf.constant(0)],

@@ -50,6 +50,7 @@ import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
 import kernorm  # noqa: E402
+from kernorm import _private  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -184,7 +185,7 @@ def model_function(name, norm, batch_size, jit_compile, rng):
         y = rng.integers(0, 2, (batch_size,))
     if norm is not keras.layers.LSTM:
         expected = kernorm if isinstance(norm, str) else keras
-        norms = [layer for layer in model._flatten_layers() if "Normalization" in type(layer).__name__]
+        norms = [layer for layer in _private.all_layers(model) if "Normalization" in type(layer).__name__]
         wrong = [type(layer) for layer in norms if not type(layer).__module__.startswith(expected.__name__)]
         if not norms or wrong:
             raise RuntimeError(f"{name} with norm={norm!r} holds the wrong norm layers: {wrong or 'none'}")
@@ -273,14 +274,14 @@ def serving_variants(name, shape, rng):
         return models.get(name, input_shape=shape, num_classes=10, norm=norm)
 
     ours = build("layer" if text else "batch")
-    for layer in ours._flatten_layers():  # statistics away from 0 and 1, as after training
+    for layer in _private.all_layers(ours):  # statistics away from 0 and 1, as after training
         if isinstance(layer, kernorm.BatchNormalization):
             size = layer.moving_mean.shape
             layer.moving_mean.assign(rng.normal(0.0, 0.2, size))
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, size))
     # Keras's layer with the epsilon the zoo gives its own (1e-5 in the ResNets, where Keras's default is 1e-3).
     kinds = (kernorm.BatchNormalization, kernorm.LayerNormalization)
-    epsilon = next(layer.epsilon for layer in ours._flatten_layers() if isinstance(layer, kinds))
+    epsilon = next(layer.epsilon for layer in _private.all_layers(ours) if isinstance(layer, kinds))
     keras_norm = keras.layers.LayerNormalization if text else keras.layers.BatchNormalization
     theirs = build(functools.partial(keras_norm, epsilon=epsilon))
     theirs.set_weights(ours.get_weights())

@@ -1,0 +1,72 @@
+"""kernorm/_private.py, the Keras and TFDS entries: each private API, and the fallback that runs without it.
+
+(The TensorFlow entry, the XLA-context probe, is tested in tests/test_private.py.)
+"""
+
+import types
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kernorm import _private
+from kernorm.models import convnet, resnet
+
+
+@pytest.mark.parametrize("build", [lambda: resnet(20, (16, 16, 3), 3, base_filters=4), lambda: convnet((8, 8, 1), 3)])
+def test_all_layers_and_its_fallback(build, monkeypatch):
+    model = build()
+    expected = model._flatten_layers(include_self=False)
+    assert [id(layer) for layer in _private.all_layers(model)] == [id(layer) for layer in expected]
+    # Without Keras's private walk: the public `layers` tree reaches the same layers.
+    monkeypatch.setattr(type(model), "_flatten_layers", None, raising=False)
+    assert {id(layer) for layer in _private.all_layers(model)} == {id(layer) for layer in expected}
+
+
+def test_is_functional_and_its_fallback(monkeypatch):
+    class Subclassed(keras.Model):
+        def call(self, x):
+            return x
+
+    cases = [
+        convnet((8, 8, 1), 3),
+        keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]),
+        Subclassed(),
+        keras.layers.Dense(2),
+    ]
+    expected = [True, False, False, False]  # a Sequential model holds a functional one
+    assert [_private.is_functional(case) for case in cases] == expected
+    import keras.src.models.functional as functional_module
+
+    monkeypatch.delattr(functional_module, "Functional")
+    assert [_private.is_functional(case) for case in cases] == expected
+
+
+def test_scan_rnn_keeps_the_contract_of_keras_rnn_loop(rng):
+    inputs = tf.constant(rng.normal(size=(2, 5, 3)).astype("float32"))
+    kernel = tf.constant(rng.normal(size=(3, 4)).astype("float32"))
+
+    def step(x, states):
+        (state,) = states
+        new = tf.tanh(x @ kernel + state)
+        return new * 2.0, [new]
+
+    initial = [tf.zeros((2, 4))]
+    for backwards in (False, True):
+        for all_outputs in (True, False):
+            options = {"go_backwards": backwards, "return_all_outputs": all_outputs}
+            theirs = _private.rnn_loop()(step, inputs, initial, **options)
+            ours = _private.scan_rnn(step, inputs, initial, **options)
+            for a, b in zip(tf.nest.flatten(ours), tf.nest.flatten(theirs)):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_tfds_probes_and_their_fallbacks():
+    import tensorflow_datasets as tfds
+
+    assert _private.tfds_default_data_dir(tfds) == tfds.core.constants.get_default_data_dir()
+    assert tfds.core.registered.DatasetNotFoundError in _private.tfds_not_found_errors(tfds)
+    bare = types.SimpleNamespace()
+    assert _private.tfds_default_data_dir(bare).endswith("tensorflow_datasets")
+    assert _private.tfds_not_found_errors(bare) == (ValueError,)
