@@ -398,12 +398,18 @@ def _ratio(spread):
     return f"{spread['median']:.2f} ({spread['min']:.2f}–{spread['max']:.2f})"
 
 
+def _bold_if_faster(ratio, text):
+    """Bold marks where kernorm is at least as fast as the comparison (a ratio of at most 1)."""
+    return f"**{text}**" if ratio <= 1.0 else text
+
+
 def format_serving_row(row):
     folded = row.get("folded/keras")
     return (
         f"| {row['case']} | {'x'.join(map(str, row['shape']))} | {row['batch']} | "
-        f"{row['kernorm_ms']['median']:.2f} | {row['keras_ms']['median']:.2f} | **{_ratio(row['kernorm/keras'])}** | "
-        f"{'' if folded is None else f'**{_ratio(folded)}**'} | {_ratio(row['norm-free/keras'])} | "
+        f"{row['kernorm_ms']['median']:.2f} | {row['keras_ms']['median']:.2f} | "
+        f"{_bold_if_faster(row['kernorm/keras']['median'], _ratio(row['kernorm/keras']))} | "
+        f"{'' if folded is None else _bold_if_faster(folded['median'], _ratio(folded))} | {_ratio(row['norm-free/keras'])} | "
         f"{'' if folded is None else _ratio(row['folded/norm-free'])} |"
     )
 
@@ -462,7 +468,7 @@ def format_row(row):
     xla = "XLA" if row["xla"] else "graph"
     return (
         f"| {row['case']} | {shape} | {phase} | {row['mode']} | {xla} | {row['kernorm_ms']:.2f} | "
-        f"{row['keras_ms']:.2f} | **{row['kernorm/keras']:.2f}** | {stream} |"
+        f"{row['keras_ms']:.2f} | {_bold_if_faster(row['kernorm/keras'], format(row['kernorm/keras'], '.2f'))} | {stream} |"
     )
 
 
@@ -510,7 +516,8 @@ def markdown(rows, info, args):
     lines = [
         f"Measured {info['date']} on {device}{busy}, TensorFlow {info['tensorflow']}, Keras {info['keras']}, "
         f"float32, by `{command}`; medians over {args.calls} calls after {args.warmup} warm-up calls "
-        f"({args.model_calls} training steps for the models).",
+        f"({args.model_calls} training steps for the models). Bold: kernorm at least as fast as Keras."
+        + (" A --quick run takes few calls a case: its ratios move by 0.1 or more from run to run." if args.quick else ""),
         "",
         TABLE_HEADER,
         *(format_row(row) for row in rows),
