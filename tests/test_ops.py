@@ -7,6 +7,7 @@ import tensorflow as tf
 import numpy_reference as ref
 import tolerances
 from kernorm import ops
+from kernorm.ops import reference
 from modes import MODES, compiled
 
 TOLERANCE = tolerances.FLOAT32
@@ -299,3 +300,50 @@ def test_the_fast_path_switch_turns_every_kernel_path_off(rng):
     expected = ref.batch_norm(x, -1)[0]
     ref.assert_close(generic, expected, 1e-6, "generic")
     ref.assert_close(fast, expected, 1e-6, "fast")
+
+
+# --- one centred-statistics routine, three large-mean strategies ----------------------
+
+STRATEGIES = [reference.ALWAYS, reference.WHERE_LARGE, reference.WHERE_LARGE_XLA]
+
+
+def _strategy_moments(strategy):
+    def statistics(values):
+        moments = reference.centred_moments(values, [1], large_mean_strategy=strategy, limit=16.0, epsilon=1e-3)
+        return moments.mean, moments.variance, moments.centred
+
+    return tf.function(statistics, jit_compile=True) if strategy == reference.WHERE_LARGE_XLA else statistics
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_large_mean_strategy_gives_the_centred_statistics(strategy, rng):
+    """Rows of mean 1e4 and std 1e-2 (where a float32 mean is off by a tenth of the spread) beside
+    rows of mean 0: every strategy gives the float64 statistics, and the small rows are the same
+    bits as on their own, so a row's statistics never depend on the rest of the batch."""
+    large = rng.normal(1e4, 1e-2, (4, 256)).astype("float32")
+    small = rng.normal(0.0, 1.0, (4, 256)).astype("float32")
+    values = np.concatenate([large, small])
+    mean, variance, centred = _strategy_moments(strategy)(tf.constant(values))
+    values64 = values.astype(np.float64)
+    expected_mean = values64.mean(1, keepdims=True)
+    ref.assert_close(mean, expected_mean, 1e-7, "mean")
+    for rows in (slice(0, 4), slice(4, 8)):
+        ref.assert_close(variance[rows], values64[rows].var(1, keepdims=True), tolerances.LARGE_MEAN, "variance")
+        ref.assert_close(centred[rows], (values64 - expected_mean)[rows], tolerances.LARGE_MEAN, "centred")
+    alone = _strategy_moments(strategy)(tf.constant(small))
+    for name, together, on_its_own in zip(["mean", "variance", "centred"], (mean, variance, centred), alone):
+        np.testing.assert_array_equal(np.asarray(together)[4:], on_its_own, err_msg=name)
+
+
+def test_the_strategies_that_correct_where_needed_take_no_mask():
+    values = tf.ones((2, 3))
+    with pytest.raises(ValueError, match="large_mean_strategy"):
+        reference.centred_moments(values, [1], large_mean_strategy="sometimes")
+    with pytest.raises(ValueError, match="`large_mean_strategy`='always'"):
+        reference.centred_moments(values, [1], large_mean_strategy=reference.WHERE_LARGE, limit=16.0,
+                                  mask=tf.ones((2, 3)))
+
+
+def test_ghost_batch_norm_needs_the_batch_axis_among_the_reduced_axes():
+    with pytest.raises(ValueError, match="`virtual_batch_size`.*batch axis 0"):
+        ops.ghost_batch_norm(tf.ones((4, 3)), [1], 2)

@@ -95,7 +95,7 @@ def row_norm(x, axes, scale, offset, epsilon, centered, limit, fused_affine_grad
             mean_of_squares=_row_mean_of_squares,
         )
         rstd = reference.inverse_std(statistics.variance, epsilon)
-        normalized = reference.standardized(statistics.centred, rstd)
+        normalized = statistics.normalized(rstd)
         outputs = reference.standardized(normalized, gamma=gamma, beta=beta)
 
         def backward(upstream):

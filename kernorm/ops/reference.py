@@ -76,40 +76,62 @@ class Moments:
     """Statistics over some axes, with kept dims, as `centred_moments` returns them.
 
     The mean is `shift + correction`: `shift` is a first estimate, and
-    `correction` the mean of the deviations from it (zero where a strategy does
-    not take it). For RMS statistics both are zero and `variance` is the mean
-    square.
+    `correction` the mean of the deviations from it (zero where a strategy did
+    not take it). For RMS statistics the shift is zero, the correction None, and
+    `variance` the mean square.
 
     Attributes:
         shift, correction, variance: tensors with kept dims.
         deviation: `values - shift` (the values themselves for RMS statistics).
+        corrected: None, or where the correction is taken only when a statistic
+            needs it, a boolean scalar: whether it was.
+        mean: `shift + correction`.
         centred: `values - mean`, taken as `deviation - correction`, which keeps
             the spread of a large mean that `values - mean` with the mean
             rounded to float32 loses.
-        mean: `shift + correction`.
         count: the number of values behind each statistic.
     """
 
-    def __init__(self, shift, correction, variance, deviation, count, centred=None):
+    def __init__(self, shift, correction, variance, deviation, count, corrected=None):
         self.shift = shift
         self.correction = correction
         self.variance = variance
         self.deviation = deviation
+        self.corrected = corrected
         self._count = count
-        self._centred = centred
 
     @property
     def mean(self):
-        # RMS statistics hold one zero as both.
-        return self.shift if self.correction is self.shift else self.shift + self.correction
+        return self.shift if self.correction is None else self.shift + self.correction
 
     @functools.cached_property
     def centred(self):
-        return self.deviation - self.correction if self._centred is None else self._centred
+        return self.normalized(None)
 
     @functools.cached_property
     def count(self):
         return self._count() if callable(self._count) else self._count
+
+    def normalized(self, rstd):
+        """`centred * rstd` (`centred` where `rstd` is None).
+
+        Where `corrected` tells whether the correction was taken, this runs in a
+        branch on it: the usual case then subtracts nothing and writes the
+        values once. Inside the branch, Grappler also keeps the multiply apart
+        from a later one (by gamma), which it would otherwise regroup into a
+        full-size product of `rstd` and gamma.
+        """
+
+        def scaled(centred):
+            return centred if rstd is None else centred * rstd
+
+        if self.correction is None:
+            return scaled(self.deviation)
+        if self.corrected is None:
+            return scaled(self.deviation - self.correction)
+        return tf.cond(
+            self.corrected, lambda: scaled(self.deviation - self.correction), lambda: scaled(self.deviation)
+        )
 
 
 def centred_moments(values, axes, centered=True, large_mean_strategy=ALWAYS, limit=None, epsilon=0.0, mask=None,
@@ -127,9 +149,9 @@ def centred_moments(values, axes, centered=True, large_mean_strategy=ALWAYS, lim
     - `ALWAYS`: for every statistic; two more reductions, exact whatever the
       mean. The shift carries no gradient and the correction carries it.
     - `WHERE_LARGE`: only for the statistics whose |mean| / std exceeds
-      `limit`, in a branch that runs only when one does; the branch writes the
-      corrected deviations, so that the usual case writes them once. For the
-      TensorFlow kernel paths outside XLA.
+      `limit`, in a branch that runs only when one does; `Moments.normalized`
+      subtracts it in a branch on the same condition, so that the usual case
+      writes the deviations once. For the TensorFlow kernel paths outside XLA.
     - `WHERE_LARGE_XLA`: the same for XLA: the branch reads `values`, so that
       XLA need not write the deviations out for a conditional that rarely runs,
       and sits in a one-step loop, which keeps XLA from turning it into a
@@ -198,7 +220,7 @@ def centred_moments(values, axes, centered=True, large_mean_strategy=ALWAYS, lim
     mean_of_squares = mean_of_squares or (lambda tensor: means(tf.square(tensor))[0])
     if not centered:
         zero = tf.zeros([1] * values.shape.rank, values.dtype)
-        return Moments(zero, zero, mean_of_squares(weighed(values)), values, count, centred=values)
+        return Moments(zero, None, mean_of_squares(weighed(values)), values, count)
 
     if large_mean_strategy == ALWAYS:
         shift = tf.stop_gradient(first_mean())
@@ -213,15 +235,14 @@ def centred_moments(values, axes, centered=True, large_mean_strategy=ALWAYS, lim
     large = large_mean(shift, mean_square, epsilon, limit)
     no_correction = tf.zeros_like(shift)
     if large_mean_strategy == WHERE_LARGE:
-
-        def corrected():
-            # Only the large statistics change, so that the others are the same bits in any batch.
-            correction = tf.where(large, tf.reduce_mean(deviation, axes, keepdims=True), no_correction)
-            return deviation - correction, correction
-
-        centred, correction = tf.cond(tf.reduce_any(large), corrected, lambda: (deviation, no_correction))
-        correction = tf.stop_gradient(correction)
+        corrected = tf.reduce_any(large)
+        # Only the large statistics change, so that the others are the same bits in any batch.
+        correction = tf.cond(
+            corrected, lambda: tf.where(large, tf.reduce_mean(deviation, axes, keepdims=True), no_correction),
+            lambda: no_correction,
+        )
     else:
+        corrected = None
 
         def correction_of_values():
             return tf.while_loop(
@@ -233,9 +254,9 @@ def centred_moments(values, axes, centered=True, large_mean_strategy=ALWAYS, lim
                 maximum_iterations=1,
             )[1]
 
-        correction = tf.stop_gradient(tf.cond(tf.reduce_any(large), correction_of_values, lambda: no_correction))
-        centred = deviation - correction
-    return Moments(shift, correction, _corrected_variance(mean_square, correction), deviation, count, centred)
+        correction = tf.cond(tf.reduce_any(large), correction_of_values, lambda: no_correction)
+    correction = tf.stop_gradient(correction)
+    return Moments(shift, correction, _corrected_variance(mean_square, correction), deviation, count, corrected)
 
 
 def moments(x, axes, mask=None, synchronized=False, keepdims=True):
