@@ -13,11 +13,16 @@ metrics it also writes to `metrics.json`. The run folder holds:
     checkpoints/best.keras ModelCheckpoint: the training model at its best validation accuracy
     model.keras            the serving model: raw input (uint8 image or string) -> class probabilities
     saved_model/           the same model exported for TF Serving (kernorm.export.run_exports)
+                           (model.keras and saved_model/ only with `export=True`, the default)
     model.tflite, model.onnx, vocabulary.json   as asked (tflite, onnx) and for text
     metrics.json           written last, so its presence means the run is complete
 
 Every file is written atomically (kernorm.export). A configuration that cannot
 run raises `ConfigError` before the run folder is created.
+
+Under a `tf.distribute` strategy (`Config.strategy`, kernorm.distribute) only the
+chief writes the run folder; the other workers keep their callbacks' files in a
+folder of their own, which they delete at the end.
 """
 
 import csv
@@ -33,13 +38,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import kernorm
-from kernorm import export, models
+from kernorm import distribute, export, models
 from kernorm.models import data as datalib
 
 DEFAULT_LEARNING_RATES = {"adamw": 1e-3, "sgd": 0.05}
 OPTIMIZERS = tuple(DEFAULT_LEARNING_RATES)
 # A run resumed with other values of these would not be the same run.
-RESUME_MUST_MATCH = ("model", "norm", "norm_kwargs", "dataset", "max_train_examples", "vocab_size", "sequence_length")
+RESUME_MUST_MATCH = (
+    "model", "norm", "norm_kwargs", "model_kwargs", "dataset", "max_train_examples", "vocab_size", "sequence_length",
+)
 # Weight decay pulls norm scales and shifts, and biases, towards 0: not a regularizer they need.
 NO_WEIGHT_DECAY = ("gamma", "beta", "bias", "scale")
 
@@ -53,7 +60,14 @@ class Config:
     """What a run trains and how; the fields are scripts/train.py's arguments.
 
     `learning_rate=None` means the optimizer's default (`DEFAULT_LEARNING_RATES`);
-    `data_dir=None`, `TFDS_DATA_DIR` or else TFDS's default folder.
+    `data_dir=None`, `TFDS_DATA_DIR` or else TFDS's default folder. `strategy` is one of
+    `kernorm.distribute.STRATEGIES`; `batch_size` is the global batch, split evenly across the
+    replicas, and with more than one replica `sync_batch_norm` makes batch norm take the
+    statistics of the global batch (`kernorm.distribute.synchronize_batch_norms`). `model_kwargs` are
+    more arguments for the zoo builder, e.g. `{"num_layers": 6, "norm_first": True}`.
+    `export=False` skips model.keras and saved_model/ (scripts/study.py needs only
+    the metrics). `verbose` is `model.fit`'s: 2 prints one line per epoch instead of
+    a progress bar.
     """
 
     model: str
@@ -61,6 +75,7 @@ class Config:
     out: str
     norm: str | None = None
     norm_kwargs: dict = dataclasses.field(default_factory=dict)
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
     data_dir: str | None = None
     batch_size: int = 64
     epochs: int = 10
@@ -77,12 +92,16 @@ class Config:
     vocab_size: int = datalib.DEFAULT_VOCAB_SIZE
     sequence_length: int = datalib.DEFAULT_SEQUENCE_LENGTH
     init_from: str | None = None
+    export: bool = True
     fold_batch_norm: bool = True
     recalibrate_batch_norm: int | None = None
     tflite: bool = False
     onnx: bool = False
     resume: bool = False
     overwrite: bool = False
+    strategy: str = "auto"
+    sync_batch_norm: bool = True
+    verbose: str | int = "auto"
 
     @property
     def peak_learning_rate(self):
@@ -100,11 +119,20 @@ def run(config, callbacks=()):
 
     Raises:
         ConfigError: before anything is written, for a configuration that cannot run.
+        kernorm.distribute.WorkerLostError: another worker of a multi-worker run stopped.
     """
     started = time.perf_counter()
     check(config)
+    # First: a multi-worker strategy must be made before TensorFlow runs anything.
+    cluster = distribute.Cluster.make(config.strategy)
+    if config.batch_size % cluster.replicas:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} does not split evenly across {cluster.replicas} replicas "
+            f"(--strategy {cluster.name}): take a multiple of {cluster.replicas}"
+        )
     config = dataclasses.replace(config, learning_rate=config.peak_learning_rate)
     run_folder = pathlib.Path(config.out)
+    folder = run_folder if cluster.chief else distribute.worker_folder(run_folder)
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
     policy = keras.config.dtype_policy()
@@ -112,11 +140,35 @@ def run(config, callbacks=()):
         if config.mixed_precision:
             keras.config.set_dtype_policy(config.mixed_precision)
         data = load_data(config)
-        train_model, serving_model, from_logits = build_models(config, data)
-        start_run_folder(run_folder, config)
-        return _fit_and_export(config, run_folder, data, train_model, serving_model, from_logits, callbacks, started)
+        if cluster.workers > 1:
+            data = dataclasses.replace(
+                data, train=distribute.shard_by_data(data.train), validation=distribute.shard_by_data(data.validation)
+            )
+        if cluster.name == "one-device":
+            # Under a strategy, Keras's fit reads a batch of a new pass to build the model before it
+            # trains, which moves the shuffle on by one pass. One device starts and drops a pass too,
+            # so that a seed gives the same batches whatever the strategy.
+            iter(data.train)
+        with cluster.strategy.scope():
+            train_model, serving_model, from_logits = build_models(config, data)
+        if cluster.replicas > 1 and config.sync_batch_norm and "synchronized" not in config.norm_kwargs:
+            distribute.synchronize_batch_norms(train_model)
+        if cluster.chief:
+            start_run_folder(run_folder, config)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)  # what a killed worker left
+            folder.mkdir(parents=True)
+        if cluster.workers > 1:
+            distribute.copy_from_chief(cluster, run_folder / "backup", folder / "backup")
+        return _fit_and_export(config, folder, data, train_model, serving_model, from_logits, callbacks, started, cluster)
+    except distribute.LOST_WORKER_ERRORS as error:
+        if cluster.workers < 2:
+            raise
+        raise distribute.lost_worker_error(error, run_folder) from None
     finally:
         keras.config.set_dtype_policy(policy)
+        if not cluster.chief:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def check(config):
@@ -131,9 +183,16 @@ def check(config):
             raise ConfigError(f"argument --{argument}: invalid choice: {value!r} (choose from {shown})")
     if importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("the TensorBoard callback needs the tensorboard package: pip install tensorboard")
+    if (config.tflite or config.onnx) and not config.export:
+        raise ConfigError("tflite and onnx convert the export: they cannot be asked for with export=False")
     if config.onnx and importlib.util.find_spec("tf2onnx") is None:
         raise ConfigError("onnx export needs the tf2onnx package: pip install 'kernorm[onnx]'")
-    check_run_folder(pathlib.Path(config.out), config)
+    try:
+        strategy = distribute.resolve(config.strategy)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if strategy != "multi-worker" or distribute.is_chief():  # the others never touch the run folder
+        check_run_folder(pathlib.Path(config.out), config)
 
 
 def check_run_folder(run_folder, config):
@@ -152,10 +211,12 @@ def check_run_folder(run_folder, config):
         raise ConfigError(f"--overwrite: refusing to delete {run_folder}: it has no run.json, so it is not a run folder")
     if config.resume and marker.exists():
         before = json.loads(marker.read_text())
+        # A run.json written before a field existed holds that field's default.
+        defaults = dataclasses.asdict(Config(model="", dataset="", out=""))
         changed = [
-            f"--{key.replace('_', '-')} {before.get(key)!r} -> {getattr(config, key)!r}"
+            f"--{key.replace('_', '-')} {before.get(key, defaults[key])!r} -> {getattr(config, key)!r}"
             for key in RESUME_MUST_MATCH
-            if before.get(key) != getattr(config, key)
+            if before.get(key, defaults[key]) != getattr(config, key)
         ]
         if changed:
             raise ConfigError(f"--resume: {run_folder} was started with other arguments: {'; '.join(changed)}")
@@ -202,6 +263,7 @@ def build_models(config, data):
         kwargs["norm"] = config.norm
     if config.norm_kwargs:
         kwargs["norm_kwargs"] = config.norm_kwargs
+    kwargs.update(config.model_kwargs)
     try:
         core = models.get(config.model, **kwargs)
     except (TypeError, ValueError) as error:
@@ -350,13 +412,14 @@ def fit_callbacks(run_folder, throughput, extra=()):
     ]
 
 
-def _fit_and_export(config, run_folder, data, train_model, serving_model, from_logits, extra_callbacks, started):
-    train_model.compile(
-        optimizer=optimizer(config, data.train_steps * config.epochs),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
-        metrics=["accuracy"],
-        jit_compile=config.jit_compile,
-    )
+def _fit_and_export(config, run_folder, data, train_model, serving_model, from_logits, extra_callbacks, started, cluster):
+    with cluster.strategy.scope():
+        train_model.compile(
+            optimizer=optimizer(config, data.train_steps * config.epochs),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
+            metrics=["accuracy"],
+            jit_compile=config.jit_compile,
+        )
     throughput = Throughput(data.validation_examples)
     print(
         f"{config.model} (norm={config.norm_name()}) on {config.dataset}: {data.train_examples} training and "
@@ -364,13 +427,21 @@ def _fit_and_export(config, run_folder, data, train_model, serving_model, from_l
         f"{serving_model.count_params():,} parameters -> {run_folder}",
         flush=True,
     )
+    if cluster.replicas > 1:
+        norms = "synchronized" if distribute.has_synchronized_batch_norm(train_model) else "per replica"
+        print(
+            f"--strategy {cluster.name}: {cluster.replicas} replicas"
+            f"{f' on {cluster.workers} workers' if cluster.workers > 1 else ''}, "
+            f"{config.batch_size // cluster.replicas} examples each per step; batch norm statistics {norms}",
+            flush=True,
+        )
     train_model.fit(
         data.train,
         validation_data=data.validation,
         epochs=config.epochs,
         callbacks=fit_callbacks(run_folder, throughput, extra_callbacks),
         shuffle=False,  # the pipeline shuffles
-        verbose="auto",
+        verbose=config.verbose,
     )
 
     history_path = run_folder / "history.csv"
@@ -379,11 +450,13 @@ def _fit_and_export(config, run_folder, data, train_model, serving_model, from_l
         raise RuntimeError(f"{history_path} has no finished epoch")
     last = history[-1]
     recalibration = _recalibrate(config, data, train_model, last) if config.recalibrate_batch_norm else None
-    export.save_keras(serving_model, run_folder / "model.keras")
-    exported = export.run_exports(
-        run_folder, data, train_model, serving_model, from_logits,
-        fold=config.fold_batch_norm, tflite=config.tflite, onnx=config.onnx, name=config.model,
-    )  # fmt: skip
+    exported = None
+    if config.export and cluster.chief:
+        export.save_keras(serving_model, run_folder / "model.keras")
+        exported = export.run_exports(
+            run_folder, data, train_model, serving_model, from_logits,
+            fold=config.fold_batch_norm, tflite=config.tflite, onnx=config.onnx, name=config.model,
+        )  # fmt: skip
     ran = len(throughput.epochs)
     trained_per_epoch = min(data.train_examples, data.train_steps * config.batch_size)
     metrics = {
@@ -414,6 +487,10 @@ def _fit_and_export(config, run_folder, data, train_model, serving_model, from_l
         },
         "recalibrate_batch_norm": recalibration,
         "export": exported,
+        "strategy": cluster.name,
+        "replicas": cluster.replicas,
+        "workers": cluster.workers,
+        "sync_batch_norm": cluster.replicas > 1 and distribute.has_synchronized_batch_norm(train_model),
         "args": dataclasses.asdict(config),
         "versions": {
             "kernorm": kernorm.__version__,
@@ -425,7 +502,7 @@ def _fit_and_export(config, run_folder, data, train_model, serving_model, from_l
     export.write_json(run_folder / "metrics.json", metrics)
     print(
         f"val_accuracy {metrics['val_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-        f"wall {metrics['wall_time_seconds']:.0f}s -> {run_folder / 'saved_model'}",
+        f"wall {metrics['wall_time_seconds']:.0f}s -> {run_folder / 'saved_model' if exported else run_folder}",
         flush=True,
     )
     return metrics
@@ -444,7 +521,9 @@ def _recalibrate(config, data, train_model, last):
     """Precise BN over `recalibrate_batch_norm` training batches; returns what metrics.json records,
     with the validation loss and accuracy before (the last epoch's) and after."""
     print(f"recalibrating batch norm over {config.recalibrate_batch_norm} training batches", flush=True)
-    result = kernorm.recalibrate_batch_norm(train_model, data.train, steps=config.recalibrate_batch_norm)
+    result = kernorm.recalibrate_batch_norm(
+        train_model, data.train, steps=config.recalibrate_batch_norm, verbose=0 if config.verbose in (0, 2) else "auto"
+    )
     after = train_model.evaluate(data.validation, verbose=0, return_dict=True) if result["layers"] else {}
     return {
         **result,
