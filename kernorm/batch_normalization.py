@@ -1,6 +1,6 @@
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
+from keras import initializers
 
 from kernorm import ops, validation, weights
 
@@ -107,16 +107,13 @@ class BatchNormalization(keras.layers.Layer):
         self.axis = validation.axis_argument(axis)
         self.momentum = validation.momentum(momentum)
         self.epsilon = validation.non_negative(epsilon, "epsilon")
-        self.center = center
-        self.scale = scale
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
+        weights.set_affine_arguments(
+            self, center, scale, beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+        )
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
         self.renorm = renorm
         self.renorm_clipping = _renorm_clipping(renorm_clipping) if renorm else renorm_clipping
         self.renorm_momentum = validation.momentum(renorm_momentum, "renorm_momentum")
@@ -133,8 +130,6 @@ class BatchNormalization(keras.layers.Layer):
         # Float32 inputs are normalized as they are under a mixed policy (Keras
         # casts them to float16 first, where values beyond 65504 overflow).
         self.autocast = False
-        self.gamma = None
-        self.beta = None
 
     def build(self, input_shape):
         ndim = len(input_shape)
@@ -145,10 +140,7 @@ class BatchNormalization(keras.layers.Layer):
         def weight(name, initializer, regularizer=None, constraint=None, trainable=False):
             return weights.add_weight(self, name, shape, initializer, regularizer, constraint, trainable)
 
-        if self.scale:
-            self.gamma = weight("gamma", self.gamma_initializer, self.gamma_regularizer, self.gamma_constraint, True)
-        if self.center:
-            self.beta = weight("beta", self.beta_initializer, self.beta_regularizer, self.beta_constraint, True)
+        weights.add_affine_weights(self, shape)
         self.moving_mean = weight("moving_mean", self.moving_mean_initializer)
         self.moving_variance = weight("moving_variance", self.moving_variance_initializer)
         if self.renorm:
@@ -260,16 +252,9 @@ class BatchNormalization(keras.layers.Layer):
             "axis": self.axis,
             "momentum": self.momentum,
             "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            **weights.affine_config(self),
             "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
             "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "renorm": self.renorm,
             "renorm_clipping": self.renorm_clipping,
             "renorm_momentum": self.renorm_momentum,

@@ -1,7 +1,6 @@
 import numbers
 
 import keras
-from keras import constraints, initializers, regularizers
 
 from kernorm import ops, validation, weights
 
@@ -73,19 +72,14 @@ class GroupNormalization(keras.layers.Layer):
         self.groups = int(groups)
         self.axis = int(axis)
         self.epsilon = validation.non_negative(epsilon, "epsilon")
-        self.center = center
-        self.scale = scale
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
+        weights.set_affine_arguments(
+            self, center, scale, beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+        )
         self.supports_masking = True
         # Float32 inputs are normalized as they are under a mixed policy (see LayerNormalization).
         self.autocast = False
-        self.gamma = None
-        self.beta = None
 
     def build(self, input_shape):
         (channels,) = validation.known_sizes(input_shape, (self._channel_axis(len(input_shape)),), self)
@@ -103,14 +97,7 @@ class GroupNormalization(keras.layers.Layer):
                 "Keras words this as: the number of groups must be a multiple of the number of channels; "
                 f"what is needed is {channels} % {self.groups} == 0."
             )
-        if self.scale:
-            self.gamma = weights.add_weight(
-                self, "gamma", (channels,), self.gamma_initializer, self.gamma_regularizer, self.gamma_constraint
-            )
-        if self.center:
-            self.beta = weights.add_weight(
-                self, "beta", (channels,), self.beta_initializer, self.beta_regularizer, self.beta_constraint
-            )
+        weights.add_affine_weights(self, (channels,))
 
     def _channel_axis(self, ndim):
         (axis,) = validation.canonical_axes(self.axis, ndim)
@@ -134,14 +121,7 @@ class GroupNormalization(keras.layers.Layer):
             "groups": self.groups,
             "axis": self.axis,
             "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            **weights.affine_config(self),
         }
         return {**super().get_config(), **config}
 

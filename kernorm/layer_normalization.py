@@ -2,7 +2,6 @@ import warnings
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
 
 from kernorm import ops, validation, weights
 
@@ -84,34 +83,23 @@ class LayerNormalization(keras.layers.Layer):
         super().__init__(**kwargs)
         self.axis = validation.axis_argument(axis)
         self.epsilon = validation.non_negative(epsilon, "epsilon")
-        self.center = center
-        self.scale = scale
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
+        weights.set_affine_arguments(
+            self, center, scale, beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+        )
         self.rms_scaling = bool(rms_scaling)
         self.supports_masking = True
         # Float32 inputs are normalized as they are under a mixed policy: cast
         # down to float16 first, values beyond 65504 would overflow.
         self.autocast = False
-        self.gamma = None
-        self.beta = None
 
     def build(self, input_shape):
         axes = validation.canonical_axes(self.axis, len(input_shape))
         shape = validation.known_sizes(input_shape, axes, self)
         self._sizes = shape
-        if self.scale or self.rms_scaling:
-            self.gamma = weights.add_weight(
-                self, "gamma", shape, self.gamma_initializer, self.gamma_regularizer, self.gamma_constraint
-            )
-        if self.center and not self.rms_scaling:
-            self.beta = weights.add_weight(
-                self, "beta", shape, self.beta_initializer, self.beta_regularizer, self.beta_constraint
-            )
+        # Keras's rms_scaling has a scale and no offset, whatever `scale` and `center` say.
+        weights.add_affine_weights(self, shape, self.scale or self.rms_scaling, self.center and not self.rms_scaling)
 
     def call(self, inputs):
         validation.float_inputs(inputs, self)
@@ -131,14 +119,7 @@ class LayerNormalization(keras.layers.Layer):
         config = {
             "axis": self.axis,
             "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            **weights.affine_config(self),
             "rms_scaling": self.rms_scaling,
         }
         return {**super().get_config(), **config}

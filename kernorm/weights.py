@@ -1,4 +1,6 @@
-"""The weights of kernorm's layers."""
+"""The weights of kernorm's layers: float32 statistics and weights, and the learned scale and offset."""
+
+from keras import constraints, initializers, regularizers
 
 from kernorm import ops
 
@@ -23,3 +25,44 @@ def add_weight(layer, name, shape, initializer, regularizer=None, constraint=Non
         shape=shape, name=name, initializer=initializer, regularizer=regularizer, constraint=constraint,
         trainable=trainable, autocast=False, dtype=ops.stats_dtype(layer.variable_dtype),
     )
+
+
+AFFINE_ARGUMENTS = (
+    "beta_initializer", "gamma_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
+    "gamma_constraint",
+)  # fmt: skip
+
+
+def set_affine_arguments(layer, center, scale, **arguments):
+    """Keeps the arguments of the learned scale `gamma` and offset `beta` on `layer`, one attribute each, as
+    Keras's layers do: `center`, `scale` and the `AFFINE_ARGUMENTS` (initializers, regularizers, constraints)."""
+    layer.center, layer.scale = center, scale
+    getters = {"initializer": initializers.get, "regularizer": regularizers.get, "constraint": constraints.get}
+    for name in AFFINE_ARGUMENTS:
+        setattr(layer, name, getters[name.split("_")[1]](arguments.pop(name, None)))
+    if arguments:
+        raise TypeError(f"Unexpected arguments for gamma and beta: {sorted(arguments)}")
+    layer.gamma = None
+    layer.beta = None
+
+
+def affine_config(layer):
+    """The config entries that `set_affine_arguments` keeps, serialized."""
+    serializers = {"initializer": initializers.serialize, "regularizer": regularizers.serialize,
+                   "constraint": constraints.serialize}  # fmt: skip
+    config = {"center": layer.center, "scale": layer.scale}
+    config.update({name: serializers[name.split("_")[1]](getattr(layer, name)) for name in AFFINE_ARGUMENTS})
+    return config
+
+
+def add_affine_weights(layer, shape, scale=None, center=None):
+    """Creates `layer.gamma` (if `scale`, default `layer.scale`) and `layer.beta` (if `center`, default
+    `layer.center`) of `shape`, with the layer's initializers, regularizers and constraints."""
+    if layer.scale if scale is None else scale:
+        layer.gamma = add_weight(
+            layer, "gamma", shape, layer.gamma_initializer, layer.gamma_regularizer, layer.gamma_constraint
+        )
+    if layer.center if center is None else center:
+        layer.beta = add_weight(
+            layer, "beta", shape, layer.beta_initializer, layer.beta_regularizer, layer.beta_constraint
+        )

@@ -16,9 +16,9 @@ import inspect
 
 import keras
 import tensorflow as tf
-from keras import constraints, initializers, regularizers
+from keras import initializers
 
-from kernorm import _private, ops, validation
+from kernorm import _private, ops, validation, weights
 
 from . import common, norms
 from .transformer_layers import MaskedGlobalAveragePooling1D, PaddingMask
@@ -106,19 +106,14 @@ class RecurrentBatchNormalization(keras.layers.Layer):
         self.max_steps = common.positive_int(max_steps, "max_steps")
         self.momentum = validation.momentum(momentum)
         self.epsilon = validation.non_negative(epsilon, "epsilon")
-        self.center = bool(center)
-        self.scale = bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
+        weights.set_affine_arguments(
+            self, bool(center), bool(scale), beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
+            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
+            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+        )
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
         self.supports_masking = True
-        self.gamma = None
-        self.beta = None
 
     def build(self, input_shape):
         if len(input_shape) != 2 or input_shape[-1] is None:
@@ -127,19 +122,12 @@ class RecurrentBatchNormalization(keras.layers.Layer):
             )
         features = input_shape[-1]
 
-        def weight(name, shape, initializer, regularizer=None, constraint=None, trainable=False):
-            return self.add_weight(
-                shape=shape, name=name, initializer=initializer, regularizer=regularizer,
-                constraint=constraint, trainable=trainable, autocast=False,
-                dtype=ops.stats_dtype(self.variable_dtype),
-            )
-
-        if self.scale:
-            self.gamma = weight("gamma", (features,), self.gamma_initializer, self.gamma_regularizer, self.gamma_constraint, True)
-        if self.center:
-            self.beta = weight("beta", (features,), self.beta_initializer, self.beta_regularizer, self.beta_constraint, True)
-        self.moving_mean = weight("moving_mean", (self.max_steps, features), self.moving_mean_initializer)
-        self.moving_variance = weight("moving_variance", (self.max_steps, features), self.moving_variance_initializer)
+        weights.add_affine_weights(self, (features,))
+        statistics = (self.max_steps, features)
+        self.moving_mean = weights.add_weight(self, "moving_mean", statistics, self.moving_mean_initializer, trainable=False)
+        self.moving_variance = weights.add_weight(
+            self, "moving_variance", statistics, self.moving_variance_initializer, trainable=False
+        )
         self.input_spec = keras.layers.InputSpec(ndim=2, axes={-1: features})
 
     def call(self, inputs, step=None, training=None, mask=None):
@@ -175,16 +163,9 @@ class RecurrentBatchNormalization(keras.layers.Layer):
             "max_steps": self.max_steps,
             "momentum": self.momentum,
             "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": initializers.serialize(self.beta_initializer),
-            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            **weights.affine_config(self),
             "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
             "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
-            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
-            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
-            "beta_constraint": constraints.serialize(self.beta_constraint),
-            "gamma_constraint": constraints.serialize(self.gamma_constraint),
         }
         return {**super().get_config(), **config}
 
