@@ -19,6 +19,10 @@ metrics it also writes to `metrics.json`. The run folder holds:
 
 Every file is written atomically (kernorm.export). A configuration that cannot
 run raises `ConfigError` before the run folder is created.
+
+Under a `tf.distribute` strategy (`Config.strategy`, kernorm.distribute) only the
+chief writes the run folder; the other workers keep their callbacks' files in a
+folder of their own, which they delete at the end.
 """
 
 import csv
@@ -34,7 +38,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import kernorm
-from kernorm import export, models
+from kernorm import distribute, export, models
 from kernorm.models import data as datalib
 
 DEFAULT_LEARNING_RATES = {"adamw": 1e-3, "sgd": 0.05}
@@ -56,7 +60,10 @@ class Config:
     """What a run trains and how; the fields are scripts/train.py's arguments.
 
     `learning_rate=None` means the optimizer's default (`DEFAULT_LEARNING_RATES`);
-    `data_dir=None`, `TFDS_DATA_DIR` or else TFDS's default folder. `model_kwargs` are
+    `data_dir=None`, `TFDS_DATA_DIR` or else TFDS's default folder. `strategy` is one of
+    `kernorm.distribute.STRATEGIES`; `batch_size` is the global batch, split evenly across the
+    replicas, and with more than one replica `sync_batch_norm` makes batch norm take the
+    statistics of the global batch (`kernorm.distribute.synchronize_batch_norms`). `model_kwargs` are
     more arguments for the zoo builder, e.g. `{"num_layers": 6, "norm_first": True}`.
     `export=False` skips model.keras and saved_model/ (scripts/study.py needs only
     the metrics). `verbose` is `model.fit`'s: 2 prints one line per epoch instead of
@@ -92,6 +99,8 @@ class Config:
     onnx: bool = False
     resume: bool = False
     overwrite: bool = False
+    strategy: str = "auto"
+    sync_batch_norm: bool = True
     verbose: str | int = "auto"
 
     @property
@@ -110,11 +119,20 @@ def run(config, callbacks=()):
 
     Raises:
         ConfigError: before anything is written, for a configuration that cannot run.
+        kernorm.distribute.WorkerLostError: another worker of a multi-worker run stopped.
     """
     started = time.perf_counter()
     check(config)
+    # First: a multi-worker strategy must be made before TensorFlow runs anything.
+    cluster = distribute.Cluster.make(config.strategy)
+    if config.batch_size % cluster.replicas:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} does not split evenly across {cluster.replicas} replicas "
+            f"(--strategy {cluster.name}): take a multiple of {cluster.replicas}"
+        )
     config = dataclasses.replace(config, learning_rate=config.peak_learning_rate)
     run_folder = pathlib.Path(config.out)
+    folder = run_folder if cluster.chief else distribute.worker_folder(run_folder)
     keras.backend.clear_session()
     keras.utils.set_random_seed(config.seed)
     policy = keras.config.dtype_policy()
@@ -122,11 +140,35 @@ def run(config, callbacks=()):
         if config.mixed_precision:
             keras.config.set_dtype_policy(config.mixed_precision)
         data = load_data(config)
-        train_model, serving_model, from_logits = build_models(config, data)
-        start_run_folder(run_folder, config)
-        return _fit_and_export(config, run_folder, data, train_model, serving_model, from_logits, callbacks, started)
+        if cluster.workers > 1:
+            data = dataclasses.replace(
+                data, train=distribute.shard_by_data(data.train), validation=distribute.shard_by_data(data.validation)
+            )
+        if cluster.name == "one-device":
+            # Under a strategy, Keras's fit reads a batch of a new pass to build the model before it
+            # trains, which moves the shuffle on by one pass. One device starts and drops a pass too,
+            # so that a seed gives the same batches whatever the strategy.
+            iter(data.train)
+        with cluster.strategy.scope():
+            train_model, serving_model, from_logits = build_models(config, data)
+        if cluster.replicas > 1 and config.sync_batch_norm and "synchronized" not in config.norm_kwargs:
+            distribute.synchronize_batch_norms(train_model)
+        if cluster.chief:
+            start_run_folder(run_folder, config)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)  # what a killed worker left
+            folder.mkdir(parents=True)
+        if cluster.workers > 1:
+            distribute.copy_from_chief(cluster, run_folder / "backup", folder / "backup")
+        return _fit_and_export(config, folder, data, train_model, serving_model, from_logits, callbacks, started, cluster)
+    except distribute.LOST_WORKER_ERRORS as error:
+        if cluster.workers < 2:
+            raise
+        raise distribute.lost_worker_error(error, run_folder) from None
     finally:
         keras.config.set_dtype_policy(policy)
+        if not cluster.chief:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def check(config):
@@ -145,7 +187,12 @@ def check(config):
         raise ConfigError("tflite and onnx convert the export: they cannot be asked for with export=False")
     if config.onnx and importlib.util.find_spec("tf2onnx") is None:
         raise ConfigError("onnx export needs the tf2onnx package: pip install 'kernorm[onnx]'")
-    check_run_folder(pathlib.Path(config.out), config)
+    try:
+        strategy = distribute.resolve(config.strategy)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if strategy != "multi-worker" or distribute.is_chief():  # the others never touch the run folder
+        check_run_folder(pathlib.Path(config.out), config)
 
 
 def check_run_folder(run_folder, config):
@@ -365,13 +412,14 @@ def fit_callbacks(run_folder, throughput, extra=()):
     ]
 
 
-def _fit_and_export(config, run_folder, data, train_model, serving_model, from_logits, extra_callbacks, started):
-    train_model.compile(
-        optimizer=optimizer(config, data.train_steps * config.epochs),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
-        metrics=["accuracy"],
-        jit_compile=config.jit_compile,
-    )
+def _fit_and_export(config, run_folder, data, train_model, serving_model, from_logits, extra_callbacks, started, cluster):
+    with cluster.strategy.scope():
+        train_model.compile(
+            optimizer=optimizer(config, data.train_steps * config.epochs),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
+            metrics=["accuracy"],
+            jit_compile=config.jit_compile,
+        )
     throughput = Throughput(data.validation_examples)
     print(
         f"{config.model} (norm={config.norm_name()}) on {config.dataset}: {data.train_examples} training and "
@@ -379,6 +427,14 @@ def _fit_and_export(config, run_folder, data, train_model, serving_model, from_l
         f"{serving_model.count_params():,} parameters -> {run_folder}",
         flush=True,
     )
+    if cluster.replicas > 1:
+        norms = "synchronized" if distribute.has_synchronized_batch_norm(train_model) else "per replica"
+        print(
+            f"--strategy {cluster.name}: {cluster.replicas} replicas"
+            f"{f' on {cluster.workers} workers' if cluster.workers > 1 else ''}, "
+            f"{config.batch_size // cluster.replicas} examples each per step; batch norm statistics {norms}",
+            flush=True,
+        )
     train_model.fit(
         data.train,
         validation_data=data.validation,
@@ -395,7 +451,7 @@ def _fit_and_export(config, run_folder, data, train_model, serving_model, from_l
     last = history[-1]
     recalibration = _recalibrate(config, data, train_model, last) if config.recalibrate_batch_norm else None
     exported = None
-    if config.export:
+    if config.export and cluster.chief:
         export.save_keras(serving_model, run_folder / "model.keras")
         exported = export.run_exports(
             run_folder, data, train_model, serving_model, from_logits,
@@ -431,6 +487,10 @@ def _fit_and_export(config, run_folder, data, train_model, serving_model, from_l
         },
         "recalibrate_batch_norm": recalibration,
         "export": exported,
+        "strategy": cluster.name,
+        "replicas": cluster.replicas,
+        "workers": cluster.workers,
+        "sync_batch_norm": cluster.replicas > 1 and distribute.has_synchronized_batch_norm(train_model),
         "args": dataclasses.asdict(config),
         "versions": {
             "kernorm": kernorm.__version__,

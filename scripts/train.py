@@ -154,6 +154,21 @@ def build_parser():
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
     again.add_argument("--overwrite", action="store_true", help="delete the run in --out and start again")
+    parser.add_argument(
+        "--strategy",
+        choices=("auto", "one-device", "mirrored", "multi-worker"),
+        default="auto",
+        help="tf.distribute strategy: auto takes multi-worker when TF_CONFIG names more than one worker, mirrored "
+        "when there is more than one GPU, else one-device; --batch-size is the global batch, split evenly across "
+        "the replicas",
+    )
+    parser.add_argument(
+        "--sync-batch-norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with more than one replica, batch norm takes the statistics of the global batch, not of each "
+        "replica's share (default: on)",
+    )
     return parser
 
 
@@ -174,6 +189,9 @@ def main(argv=None, callbacks=()):
         return training.run(training.Config(**vars(args)), callbacks=callbacks)
     except training.ConfigError as error:
         parser.error(str(error))
+    except training.distribute.WorkerLostError as error:
+        print(f"\ntrain.py: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         print(
             "\ntrain.py: interrupted. To continue from the last finished epoch, run the same command with "

@@ -3,12 +3,14 @@
     python tests/train_under_mock.py NUM_EXAMPLES [train.py arguments ...]
 
 A process does not see the mock of the test that starts it, so this wrapper enters
-the mock and then calls `train.main`. Two environment variables help the tests:
+the mock and then calls `train.main`. Environment variables help the tests:
 
 - TRAIN_EPOCH_LOG=FILE: each epoch that begins appends a JSON line to FILE with
   the epoch number and the optimizer's step count at that moment.
 - TRAIN_STEP_SLEEP_FROM_EPOCH=N: from epoch N on, each training step sleeps
   TRAIN_STEP_SLEEP seconds (default 0.5), so a test can kill the process mid-epoch.
+- TRAIN_LOGICAL_CPUS=N: the CPU becomes N logical devices before TensorFlow starts,
+  for `--strategy mirrored` on a machine without GPUs.
 """
 
 import os
@@ -21,6 +23,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
@@ -47,6 +50,10 @@ class EpochProbe(keras.callbacks.Callback):
 
 
 def main():
+    if os.environ.get("TRAIN_LOGICAL_CPUS"):
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        devices = [tf.config.LogicalDeviceConfiguration()] * int(os.environ["TRAIN_LOGICAL_CPUS"])
+        tf.config.set_logical_device_configuration(cpu, devices)
     num_examples = int(sys.argv[1])
     sleep_from = os.environ.get("TRAIN_STEP_SLEEP_FROM_EPOCH")
     probe = EpochProbe(
