@@ -30,26 +30,31 @@ The package:
   The private TensorFlow probe it uses is in kernorm/_private.py.
 
 Which path runs (the layers never see it; every path gives the reference
-numbers, see tests/test_fast_paths.py). "Fast" means: the fast paths are on
-and `x` is a float16/bfloat16/float32 tensor of known rank. The first row
-whose conditions hold runs:
+numbers, see tests/test_fast_paths.py). "On" means that the fast paths are on
+(`set_fast_paths`); "kernel" that they are on and `x` is a
+float16/bfloat16/float32 tensor of known rank. The first row of a function
+whose conditions all hold runs:
 
 | function | conditions | runs | large-mean strategy |
 | --- | --- | --- | --- |
-| `layer_norm`, `rms_norm` | fast, outside XLA, over the trailing axes, of known size, float32/float64 weights | `kernels.row_norm` (as `_row_norm`) | `WHERE_LARGE`, above `_LARGE_MEAN` |
-| | fast, under XLA | `reference.compiled_standardize` (as `_compiled_standardize`) | `WHERE_LARGE_XLA`, above `_LARGE_MEAN` |
-| | otherwise | `reference.standardize` (custom gradient) | `ALWAYS` |
+| `layer_norm`, `rms_norm` | kernel, outside XLA, over trailing axes of known size, float32/float64 weights | `kernels.row_norm` (`_row_norm`); on CPU its weight gradients from one kernel | `WHERE_LARGE` above `_LARGE_MEAN` |
+| | on, under XLA | `reference.compiled_standardize` (`_compiled_standardize`), automatic gradient | `WHERE_LARGE_XLA` above `_LARGE_MEAN` |
+| | otherwise | `reference.standardize`, hand-written gradient | `ALWAYS` |
 | `layer_norm(rms_scaling=True)` | always | `moments`, then `normalize` | `ALWAYS` |
-| `batch_norm` | fast, no mask, not synchronized, channels last, epsilon a Python number (at least 1.001e-5 on GPU), per-channel weights | `kernels.fused_batch_norm` (as `_fused_batch_norm`); its gradient from `kernels.wide_batch_norm_grad` with at most `_FEW_CHANNELS` channels on CPU outside XLA, else from the gradient kernel | rerun on the deviations above `_LARGE_MEAN` (`_XLA_LARGE_MEAN` under XLA) |
-| | no mask, not synchronized, fast, under XLA | `reference.compiled_standardize` | `WHERE_LARGE_XLA` |
+| `batch_norm` | kernel, no mask, not synchronized, channels last, per-channel weights, `epsilon` a Python number (at least 1.001e-5 on GPU, for cuDNN) | `kernels.fused_batch_norm` (`_fused_batch_norm`), under XLA too; its gradient from `kernels.wide_batch_norm_grad` (`_wide_batch_norm_grad`) with at most `_FEW_CHANNELS` channels on CPU outside XLA where a sample's pixels make wide rows, else from the gradient kernel | rerun on the deviations above `_LARGE_MEAN` (`_XLA_LARGE_MEAN` under XLA) |
+| | no mask, not synchronized, on, under XLA | `reference.compiled_standardize` | `WHERE_LARGE_XLA` |
 | | no mask, not synchronized | `reference.standardize` | `ALWAYS` |
 | | a mask, or synchronized | `reference.centred_moments`, then `normalize` | `ALWAYS` |
-| `ghost_batch_norm` | always | `batch_norm` on each sub-batch, then `reference.pooled_moments` | as `batch_norm` |
+| `ghost_batch_norm` | always | `batch_norm` of each sub-batch, then `reference.pooled_moments` | as `batch_norm` |
 | `renorm_batch_norm` | always | `batch_norm` without the affine, then `reference.renormalized` | as `batch_norm` |
-| `group_norm` | always (under XLA too: its automatic gradient loses a large mean's spread) | `reference.standardize` | `ALWAYS` |
-| `normalize` | fast, outside XLA, rank 4, per-channel statistics and weights on the last axis, epsilon as above | `kernels.frozen_batch_norm` (as `_frozen_batch_norm`): TensorFlow's inference batch norm, which Grappler and TFLite fold into a convolution | none needed: the statistics are given |
-| | otherwise | `reference.normalize` | |
+| `group_norm` | always, under XLA too (there its automatic gradient loses a large mean's spread) | `reference.standardize` | `ALWAYS` |
+| `normalize` | kernel, outside XLA, rank 4, per-channel statistics and weights on the last axis, `epsilon` as for `batch_norm` | `kernels.frozen_batch_norm` (`_frozen_batch_norm`): TensorFlow's inference batch norm, which Grappler and TFLite fold into a convolution | none: the statistics are given |
+| | otherwise | `reference.normalize` | none |
 | `moments` | always | `reference.centred_moments` | `ALWAYS` |
+
+`layer_norm`, `rms_norm`, `batch_norm` and `group_norm` reach both
+standardizations through `_standardize`, which takes the compiled one only
+where the table says.
 
 The path functions are called by their names in this module (`_row_norm`,
 `_fused_batch_norm`, `_wide_batch_norm_grad`, `_frozen_batch_norm`,
