@@ -112,6 +112,24 @@ def test_half_precision_statistics_are_float32_for_a_large_mean(name, policy, mo
     _check_half(name, policy, mode, rng, loc=LARGE_RATIO[policy], scale=1.0)
 
 
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+@pytest.mark.parametrize("policy", ["bfloat16", "mixed_float16"])
+def test_half_precision_masked_batch_norm_has_float32_statistics(policy, mode, rng):
+    """The masked path (and the synchronized one, which shares it) takes its statistics in float32
+    too: outputs within the half-precision tolerance, moving statistics within float32's."""
+    layer = _built("batch", policy, rng)
+    compute_dtype = tf.as_dtype(layer.compute_dtype)
+    x = tf.cast(rng.normal(LARGE_RATIO[policy], 1.0, SHAPE), compute_dtype)
+    mask = np.arange(SHAPE[0] * SHAPE[1]).reshape(SHAPE[:2]) % 4 != 1
+    outputs = compiled(lambda x, mask: layer(x, training=True, mask=mask), mode)(x, tf.constant(mask))
+    expected, _, mean, variance, _ = ref.masked_batch_norm(
+        _as_float64(x), -1, mask[..., None], *[w.numpy() for w in layer.trainable_weights], 1e-3
+    )
+    ref.assert_close(_as_float64(outputs)[mask], expected[mask], tolerances.for_dtype(compute_dtype), "outputs")
+    ref.assert_close(layer.moving_mean.numpy(), ref.moving_average(0.0, mean, 0.5), tolerances.FLOAT32, "moving_mean")
+    ref.assert_close(layer.moving_variance.numpy(), ref.moving_average(1.0, variance, 0.5), tolerances.FLOAT32, "moving_variance")
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_half_precision_moving_statistics(policy, rng):
     layer = _built("batch", policy, rng)
