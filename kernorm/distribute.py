@@ -211,24 +211,31 @@ def worker_folder(run_folder):
     return pathlib.Path(tempfile.gettempdir()) / f"kernorm-{kind}-{index}-{digest}"
 
 
+def from_chief(cluster, payload):
+    """The chief's `payload` (bytes) on every worker, sent by the strategy's collectives.
+
+    Every worker must call it at the same point; what the others pass is ignored. No file system need be
+    shared, and a verdict of the chief reaches the workers that would otherwise wait for it.
+    """
+    size = int(_from_chief(cluster.strategy, tf.constant([len(payload)], tf.int64))[0])
+    if size == 0:
+        return b""
+    words = -(-size // 8)  # int64 words: collectives carry no bytes, and a sum with zeros is exact
+    local = np.frombuffer(payload.ljust(8 * words, b"\0"), np.int64) if cluster.chief else np.zeros(words, np.int64)
+    return _from_chief(cluster.strategy, tf.constant(local)).numpy().tobytes()[:size]
+
+
 def copy_from_chief(cluster, chief_folder, folder):
-    """Makes `folder` of every other worker a copy of `chief_folder` of the chief, sent by the strategy's
-    collectives: no file system need be shared. Every worker must call it at the same point.
+    """Makes `folder` of every other worker a copy of `chief_folder` of the chief (`from_chief`).
 
     A worker's `BackupAndRestore` then restores the chief's last backup, so that all of them resume
     from the same epoch with the same weights and optimizer state.
     """
-    payload = _pack(chief_folder) if cluster.chief else b""
-    size = int(_from_chief(cluster.strategy, tf.constant([len(payload)], tf.int64))[0])
+    payload = from_chief(cluster, _pack(chief_folder) if cluster.chief else b"")
     if not cluster.chief:
         shutil.rmtree(folder, ignore_errors=True)
-    if size == 0:
-        return
-    words = -(-size // 8)  # int64 words: collectives carry no bytes, and a sum with zeros is exact
-    local = np.frombuffer(payload.ljust(8 * words, b"\0"), np.int64) if cluster.chief else np.zeros(words, np.int64)
-    received = _from_chief(cluster.strategy, tf.constant(local))
-    if not cluster.chief:
-        _unpack(received.numpy().tobytes()[:size], folder)
+        if payload:
+            _unpack(payload, folder)
 
 
 def _from_chief(strategy, value):

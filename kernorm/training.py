@@ -130,6 +130,8 @@ def run(config, callbacks=()):
             f"--batch-size {config.batch_size} does not split evenly across {cluster.replicas} replicas "
             f"(--strategy {cluster.name}): take a multiple of {cluster.replicas}"
         )
+    if cluster.name == "multi-worker":
+        _check_run_folder_on_the_chief(cluster, config)
     config = dataclasses.replace(config, learning_rate=config.peak_learning_rate)
     run_folder = pathlib.Path(config.out)
     folder = run_folder if cluster.chief else distribute.worker_folder(run_folder)
@@ -140,6 +142,8 @@ def run(config, callbacks=()):
         if config.mixed_precision:
             keras.config.set_dtype_policy(config.mixed_precision)
         data = load_data(config)
+        if cluster.replicas > 1:
+            data = _whole_validation_batches(data, config)
         if cluster.workers > 1:
             data = dataclasses.replace(
                 data, train=distribute.shard_by_data(data.train), validation=distribute.shard_by_data(data.validation)
@@ -191,7 +195,7 @@ def check(config):
         strategy = distribute.resolve(config.strategy)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if strategy != "multi-worker" or distribute.is_chief():  # the others never touch the run folder
+    if strategy != "multi-worker":  # else the chief checks it once every worker has joined (run)
         check_run_folder(pathlib.Path(config.out), config)
 
 
@@ -220,6 +224,37 @@ def check_run_folder(run_folder, config):
         ]
         if changed:
             raise ConfigError(f"--resume: {run_folder} was started with other arguments: {'; '.join(changed)}")
+
+
+def _check_run_folder_on_the_chief(cluster, config):
+    """`check_run_folder` on the chief, whose refusal stops every worker: a worker that stops before all
+    have joined leaves the others waiting for it (TensorFlow waits an hour)."""
+    refusal = ""
+    if cluster.chief:
+        try:
+            check_run_folder(pathlib.Path(config.out), config)
+        except ConfigError as error:
+            refusal = str(error)
+    refusal = distribute.from_chief(cluster, refusal.encode()).decode()
+    if refusal:
+        raise ConfigError(refusal if cluster.chief else f"the chief refused to start: {refusal}")
+
+
+def _whole_validation_batches(data, config):
+    """`data` with validation in whole global batches only, for more than one replica.
+
+    A last, smaller batch would leave some replicas an empty share, on which TensorFlow's oneDNN
+    convolution (CPU) returns a tensor of the wrong shape; the few examples it held go unvalidated.
+    """
+    batches = data.validation_examples // config.batch_size
+    if batches == 0:
+        raise ConfigError(
+            f"--batch-size {config.batch_size}: with more than one replica, validation takes whole batches, and "
+            f"{data.validation_examples} validation examples make none: take a smaller batch"
+        )
+    return dataclasses.replace(
+        data, validation=data.validation.take(batches), validation_examples=batches * config.batch_size
+    )
 
 
 def load_data(config):

@@ -1,9 +1,10 @@
 """scripts/train.py under tf.distribute: two worker processes on 127.0.0.1 (`TF_CONFIG`), and two logical CPUs.
 
-Every run trains the zoo's ConvNet with batch norm on TFDS mock data (tests/train_under_mock.py: each process
-generates the same examples) with SGD, for two epochs of three global batches of 16. The reference is the
+Every run trains the zoo's ConvNet with batch norm on 49 TFDS mock examples (tests/train_under_mock.py: each
+process generates the same ones) with SGD, for two epochs of three global batches of 16. The reference is the
 same command on one device, in this process. With synchronized batch norm, two replicas of 8 examples
-compute what one device computes on 16, up to the order of float sums.
+compute what one device computes on 16, up to the order of float sums. With more than one replica,
+validation takes the 48 examples of whole global batches.
 
 The workers name only 127.0.0.1 in `TF_CONFIG`, on ports that were free there. TensorFlow's gRPC server
 itself listens on the wildcard address of its port (its listener address is fixed in TensorFlow: there is
@@ -25,20 +26,22 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 from script_runs import REPO, load_script, run_main, train_mock
 
 import kernorm
 from kernorm import distribute, models, training
 
 WRAPPER = REPO / "tests" / "train_under_mock.py"
-EXAMPLES, BATCH = 48, 16
+EXAMPLES, BATCH = 49, 16
 STEPS_PER_EPOCH = EXAMPLES // BATCH
+WHOLE_BATCHES = STEPS_PER_EPOCH * BATCH
 ARGS = [
     "--model", "convnet", "--norm", "batch", "--dataset", "fashion_mnist", "--epochs", "2",
     "--batch-size", str(BATCH), "--optimizer", "sgd", "--learning-rate", "0.01",
 ]  # fmt: skip
 # Synchronized replicas against one device, largest absolute difference over every weight: measured
-# 2.4e-7 (moving variances near 1). Without synchronization the weights move apart by 1e-3 and more.
+# 7.2e-7 (two workers), 6.6e-7 (mirrored). Without synchronization the weights move apart by 3.8e-3.
 SAME = 1e-5
 TIMEOUT = 300  # seconds that one process may take
 KILL_DETECTED_WITHIN = 60  # seconds from the SIGKILL to the survivor's exit: TF's heartbeats time out in about 10
@@ -138,6 +141,7 @@ def one_device(tmp_path_factory):
     run = tmp_path_factory.mktemp("one-device") / "run"
     metrics = train_mock([*ARGS, "--strategy", "one-device", "--out", str(run)], num_examples=EXAMPLES)
     assert (metrics["strategy"], metrics["replicas"], metrics["sync_batch_norm"]) == ("one-device", 1, False)
+    assert metrics["validation_examples"] == EXAMPLES
     return _weights(run)
 
 
@@ -170,6 +174,7 @@ def test_two_workers_with_synchronized_batch_norm_train_as_one_device(synchroniz
     assert difference <= SAME
     metrics = _metrics(synchronized.run)
     assert (metrics["strategy"], metrics["replicas"], metrics["workers"]) == ("multi-worker", 2, 2)
+    assert metrics["validation_examples"] == WHOLE_BATCHES
     assert metrics["sync_batch_norm"] is True and metrics["args"]["sync_batch_norm"] is True
     assert "batch norm statistics synchronized" in synchronized.workers.output(0)
 
@@ -216,6 +221,7 @@ def test_mirrored_on_two_logical_cpus_trains_as_one_device(tmp_path, one_device)
     assert (metrics["strategy"], metrics["replicas"], metrics["workers"], metrics["sync_batch_norm"]) == (
         "mirrored", 2, 1, True,
     )  # fmt: skip
+    assert metrics["validation_examples"] == WHOLE_BATCHES
     difference = _largest_difference(_weights(run), one_device)
     print(f"mirrored on two logical CPUs against one device: largest weight difference {difference:.2e}")
     assert difference <= SAME
@@ -224,7 +230,8 @@ def test_mirrored_on_two_logical_cpus_trains_as_one_device(tmp_path, one_device)
 @pytest.mark.slow
 def test_sigkill_of_a_worker_mid_epoch_stops_the_other_then_both_resume(tmp_path):
     """Acceptance 3: SIGKILL worker 1 in epoch 2; the chief stops with a message in bounded time and writes
-    no result; both restarted with --resume continue from epoch 2, and history.csv has each epoch once."""
+    no result. Restarted without --resume, the chief refuses the folder and worker 1 stops with it (it does
+    not wait for the chief); with --resume both continue from epoch 2, and history.csv has each epoch once."""
     run, other_run, temp = tmp_path / "run", tmp_path / "worker1-run", tmp_path / "tmp"
     temp.mkdir()
     first = [tmp_path / "first0.jsonl", tmp_path / "first1.jsonl"]
@@ -256,6 +263,11 @@ def test_sigkill_of_a_worker_mid_epoch_stops_the_other_then_both_resume(tmp_path
     assert _epochs(run) == [0]
     assert not (run / "metrics.json").exists() and not (run / "saved_model").exists()
     assert len(_worker_folders(temp)) == 1, "the killed worker's folder is left until it restarts"
+
+    forgot = Workers(tmp_path, "without-resume", [run, other_run], ARGS, env={"TMPDIR": str(temp)})
+    assert forgot.wait() == [2, 2]
+    assert "already exists: pass --resume" in forgot.output(0)
+    assert "the chief refused to start: run folder" in forgot.output(1)
 
     second = [tmp_path / "second0.jsonl", tmp_path / "second1.jsonl"]
     resumed = Workers(
@@ -342,6 +354,16 @@ def test_a_batch_that_does_not_split_evenly_across_replicas_exits_2_before_any_f
     out = tmp_path / "run"
     status, _, err = run_main("train", [*ARGS, "--batch-size", "15", "--out", str(out)])
     assert status == 2 and "--batch-size 15 does not split evenly across 2 replicas" in err
+    assert not out.exists()
+
+
+def test_validation_needs_one_whole_global_batch_with_more_than_one_replica(monkeypatch, tmp_path):
+    two_replicas = distribute.Cluster("mirrored", types.SimpleNamespace(num_replicas_in_sync=2), 1, True)
+    monkeypatch.setattr(distribute.Cluster, "make", classmethod(lambda cls, name: two_replicas))
+    out = tmp_path / "run"
+    with tfds.testing.mock_data(num_examples=EXAMPLES):
+        status, _, err = run_main("train", [*ARGS, "--max-eval-examples", "15", "--out", str(out)])
+    assert status == 2 and "15 validation examples make none: take a smaller batch" in err
     assert not out.exists()
 
 
