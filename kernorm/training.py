@@ -164,7 +164,9 @@ def run(config, callbacks=()):
             folder.mkdir(parents=True)
         if cluster.workers > 1:
             distribute.copy_from_chief(cluster, run_folder / "backup", folder / "backup")
-        return _fit_and_export(config, folder, data, train_model, serving_model, from_logits, callbacks, started, cluster)
+        return _fit_and_export(
+            config, folder, data, train_model, serving_model, from_logits, callbacks, started, cluster
+        )
     except distribute.LOST_WORKER_ERRORS as error:
         if cluster.workers < 2:
             raise
@@ -176,7 +178,8 @@ def run(config, callbacks=()):
 
 
 def check(config):
-    """Raises `ConfigError` for names that do not exist, missing optional packages, or a taken run folder."""
+    """Raises `ConfigError` for names that do not exist, missing optional packages, an unusable `TF_CONFIG`, or
+    a taken run folder (under a multi-worker strategy, `run` has the chief check it once every worker has joined)."""
     for argument, value, choices in (
         ("model", config.model, models.names()),
         ("norm", config.norm, (None, *kernorm.norm_names())),
@@ -447,7 +450,9 @@ def fit_callbacks(run_folder, throughput, extra=()):
     ]
 
 
-def _fit_and_export(config, run_folder, data, train_model, serving_model, from_logits, extra_callbacks, started, cluster):
+def _fit_and_export(
+    config, run_folder, data, train_model, serving_model, from_logits, extra_callbacks, started, cluster
+):
     with cluster.strategy.scope():
         train_model.compile(
             optimizer=optimizer(config, data.train_steps * config.epochs),

@@ -75,7 +75,8 @@ class Workers:
         self.logs = [folder / f"{name}-worker{index}.log" for index in range(2)]
         self.processes = []
         for index, (out, log) in enumerate(zip(outs, self.logs)):
-            command = [sys.executable, str(WRAPPER), str(EXAMPLES), *args, "--out", str(out), "--strategy", "multi-worker"]
+            command = [sys.executable, str(WRAPPER), str(EXAMPLES), *args, "--out", str(out)]
+            command += ["--strategy", "multi-worker"]
             with open(log, "w") as file:
                 process_env = _env(TF_CONFIG=_tf_config(ports, index), **(env or {}), **(envs[index] or {}))
                 self.processes.append(subprocess.Popen(command, env=process_env, stdout=file, stderr=subprocess.STDOUT))
@@ -292,7 +293,8 @@ def test_the_flags_and_their_defaults_are_config_s():
     args = parser.parse_args(["--model", "mlp", "--dataset", "mnist", "--out", "run"])
     config = training.Config(model="mlp", dataset="mnist", out="run")
     assert (args.strategy, args.sync_batch_norm) == (config.strategy, config.sync_batch_norm) == ("auto", True)
-    assert parser.parse_args(["--model", "m", "--dataset", "d", "--out", "o", "--no-sync-batch-norm"]).sync_batch_norm is False
+    off = parser.parse_args(["--model", "mlp", "--dataset", "mnist", "--out", "run", "--no-sync-batch-norm"])
+    assert off.sync_batch_norm is False
     strategy = next(action for action in parser._actions if action.dest == "strategy")
     assert tuple(strategy.choices) == distribute.STRATEGIES
 
@@ -302,7 +304,8 @@ def test_the_flags_and_their_defaults_are_config_s():
     [
         (None, "one-device"),
         ({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}, "one-device"),
-        ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}, "multi-worker"),
+        ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}},
+         "multi-worker"),
         ({"cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]}, "task": {"type": "chief"}}, "multi-worker"),
     ],
 )
