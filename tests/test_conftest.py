@@ -44,5 +44,7 @@ def test_a_folder_without_one_dataset_names_it(pytester, monkeypatch, tmp_path):
     (tmp_path / "data" / "fashion_mnist").mkdir(parents=True)
     result = _run(pytester, monkeypatch, tmp_path / "data")
     result.assert_outcomes(passed=2, skipped=1)
-    result.stdout.fnmatch_lines(["*= 1 real-data test skipped =*", f"1 skipped: TFDS_DATA_DIR={tmp_path / 'data'} lacks glue/sst2"])
+    result.stdout.fnmatch_lines(
+        ["*= 1 real-data test skipped =*", f"1 skipped: TFDS_DATA_DIR={tmp_path / 'data'} lacks glue/sst2"]
+    )
     assert "2 real-data" not in result.stdout.str()

@@ -466,8 +466,14 @@ def test_a_large_mean_batch_reruns_the_fused_kernel_on_shifted_inputs(loc, scale
 
 
 LARGE_MEAN_FUNCTIONS = {
-    "layer": (lambda x: ops.layer_norm(x, [1], epsilon=EPSILON), lambda x, u: ref.layer_norm(x, [1], None, None, EPSILON, u)),
-    "batch": (lambda x: ops.batch_norm(x, [0], epsilon=EPSILON)[0], lambda x, u: ref.batch_norm(x, -1, None, None, EPSILON, u)[:2]),
+    "layer": (
+        lambda x: ops.layer_norm(x, [1], epsilon=EPSILON),
+        lambda x, u: ref.layer_norm(x, [1], None, None, EPSILON, u),
+    ),
+    "batch": (
+        lambda x: ops.batch_norm(x, [0], epsilon=EPSILON)[0],
+        lambda x, u: ref.batch_norm(x, -1, None, None, EPSILON, u)[:2],
+    ),
 }
 
 

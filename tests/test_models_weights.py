@@ -118,8 +118,13 @@ HEADS = {
     "mlp": (lambda **kwargs: models.mlp((8,), 4, hidden_units=(16,), **kwargs), (8,), "float32"),
     "convnet": (lambda **kwargs: models.convnet((8, 8, 3), 4, filters=(8,), **kwargs), (8, 8, 3), "float32"),
     "resnet8": (lambda **kwargs: models.resnet(8, (8, 8, 3), 4, base_filters=4, **kwargs), (8, 8, 3), "float32"),
-    "transformer": (lambda **kwargs: models.transformer_classifier(50, 8, 4, d_model=16, num_heads=2, num_layers=1, ff_dim=16, **kwargs), (8,), "int32"),
-    "vit": (lambda **kwargs: models.vit(8, 4, 4, d_model=16, num_heads=2, num_layers=1, ff_dim=16, **kwargs), (8, 8, 3), "float32"),
+    "transformer": (
+        lambda **kwargs: models.transformer_classifier(50, 8, 4, d_model=16, num_heads=2, num_layers=1, ff_dim=16, **kwargs),
+        (8,), "int32",
+    ),
+    "vit": (
+        lambda **kwargs: models.vit(8, 4, 4, d_model=16, num_heads=2, num_layers=1, ff_dim=16, **kwargs), (8, 8, 3), "float32"
+    ),
     "rnn": (lambda **kwargs: models.rnn_classifier(50, 8, 4, units=8, **kwargs), (8,), "int32"),
 }
 
