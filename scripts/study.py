@@ -1041,17 +1041,10 @@ def plot_batch_size(rows, path):
     if not drawn:
         plt.close(figure)
         return False
-    axis.set_xscale("log", base=2)
-    axis.invert_xaxis()  # large batches on the left, as in the GN paper
-    sizes = sorted({int(r["batch_size"]) for r in rows if r["model"] == "convnet"}, reverse=True)
-    axis.set_xticks(sizes, [str(b) for b in sizes])
-    axis.set_xlabel("batch size (examples per step)")
-    axis.set_ylabel("validation error (%)")
-    axis.set_title("ConvNet on Fashion-MNIST: same examples per run, learning rate linear in the batch")
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    _save(figure, path)
-    return True
+    return _finish_batch_axes(
+        figure, axis, rows, path, "batch size (examples per step)",
+        "ConvNet on Fashion-MNIST: same examples per run, learning rate linear in the batch", legend_size=8,
+    )  # fmt: skip
 
 
 def plot_inference(rows, path):
@@ -1074,14 +1067,22 @@ def plot_inference(rows, path):
     if not drawn:
         plt.close(figure)
         return False
+    return _finish_batch_axes(
+        figure, axis, rows, path, "batch size (training, and the batches whose statistics are used)",
+        "Batch norm at inference: which statistics", legend_size=7,
+    )  # fmt: skip
+
+
+def _finish_batch_axes(figure, axis, rows, path, xlabel, title, legend_size):
+    """Validation error against the ConvNet's batch sizes, large batches on the left as in the GN paper; saves."""
     axis.set_xscale("log", base=2)
     axis.invert_xaxis()
     sizes = sorted({int(r["batch_size"]) for r in rows if r["model"] == "convnet"}, reverse=True)
     axis.set_xticks(sizes, [str(b) for b in sizes])
-    axis.set_xlabel("batch size (training, and the batches whose statistics are used)")
+    axis.set_xlabel(xlabel)
     axis.set_ylabel("validation error (%)")
-    axis.set_title("Batch norm at inference: which statistics")
-    axis.legend(fontsize=7)
+    axis.set_title(title)
+    axis.legend(fontsize=legend_size)
     axis.grid(alpha=0.3)
     _save(figure, path)
     return True
