@@ -2,9 +2,12 @@
 
 For each case, kernorm's layer, the equivalent `keras.layers` layer and a
 streaming pass over the same tensor (`x + 1` compiled by XLA, the practical
-memory-bandwidth limit) are timed on the same data in the same process,
-alternating call by call. Each row reports the medians over `--calls` calls
-after warm-up, the ratio kernorm/Keras and the ratio kernorm/streaming pass.
+memory-bandwidth limit) are timed on the same data in the same process, in
+steady state: each function is called back to back for about `--seconds`
+(as a training loop or a server calls it), the functions in turn, for
+`--rounds` rounds. Each row reports the median time per call over the rounds
+and each ratio as its median and range over the rounds (ratios are taken
+round by round, so a slow spell of the machine moves both sides).
 
     python scripts/bench.py                    # full run, prints the table
     python scripts/bench.py --quick            # a smaller run for CI-sized checks
@@ -118,23 +121,7 @@ def sync(outputs):
             return
 
 
-def time_alternating(functions, calls, warmup):
-    """Median seconds per call of each function, calling them in turn (rotating the order)."""
-    names = list(functions)
-    for name in names:
-        for _ in range(warmup):
-            sync(functions[name]())
-    times = {name: [] for name in names}
-    for i in range(calls):
-        order = names[i % len(names):] + names[: i % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            sync(functions[name]())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def layer_rows(cases, calls, warmup, modes, log):
+def layer_rows(cases, rounds, warmup, seconds, modes, log):
     rng = np.random.default_rng(0)
     rows = []
     for norm, shape, phases in cases:
@@ -150,19 +137,9 @@ def layer_rows(cases, calls, warmup, modes, log):
                         "keras": layer_function(theirs, x, upstream, phase, backward, jit_compile),
                         "stream": stream,
                     }
-                    medians = time_alternating(functions, calls, warmup)
-                    row = {
-                        "case": {"layer": "LayerNorm", "batch": "BatchNorm", "rms": "RMSNorm"}[norm],
-                        "shape": list(shape),
-                        "phase": phase,
-                        "mode": "fwd+bwd" if backward else "fwd",
-                        "xla": bool(jit_compile),
-                        "kernorm_ms": medians["kernorm"] * 1e3,
-                        "keras_ms": medians["keras"] * 1e3,
-                        "stream_ms": medians["stream"] * 1e3,
-                    }
-                    row["kernorm/keras"] = row["kernorm_ms"] / row["keras_ms"]
-                    row["kernorm/stream"] = row["kernorm_ms"] / row["stream_ms"]
+                    case = {"layer": "LayerNorm", "batch": "BatchNorm", "rms": "RMSNorm"}[norm]
+                    row = timed_row(functions, rounds, warmup, seconds, case, list(shape), phase,
+                                    "fwd+bwd" if backward else "fwd", jit_compile)
                     rows.append(row)
                     log(format_row(row))
     return rows
@@ -212,7 +189,7 @@ def keras_lstm_classifier(name, vocab_size, num_classes):
     return keras.Model(tokens, keras.layers.Dense(num_classes)(x))
 
 
-def model_rows(cases, calls, warmup, modes, log):
+def model_rows(cases, rounds, warmup, seconds, modes, log):
     rng = np.random.default_rng(0)
     rows = []
     keras_norms = {
@@ -229,22 +206,11 @@ def model_rows(cases, calls, warmup, modes, log):
                     "kernorm": model_function(name, ours, batch_size, jit_compile, rng),
                     "keras": model_function(name, keras_norms[family], batch_size, jit_compile, rng),
                 }
-                medians = time_alternating(functions, calls, warmup)
+                row = timed_row(functions, rounds, warmup, seconds, name, [batch_size], "train step", "fit step",
+                                jit_compile)
             except Exception as error:  # the zoo may lack a model; report it and go on
                 log(f"  {name} (xla={jit_compile}) skipped: {type(error).__name__}: {error}")
                 continue
-            row = {
-                "case": name,
-                "shape": [batch_size],
-                "phase": "train step",
-                "mode": "fit step",
-                "xla": bool(jit_compile),
-                "kernorm_ms": medians["kernorm"] * 1e3,
-                "keras_ms": medians["keras"] * 1e3,
-                "stream_ms": None,
-            }
-            row["kernorm/keras"] = row["kernorm_ms"] / row["keras_ms"]
-            row["kernorm/stream"] = None
             rows.append(row)
             log(format_row(row))
     return rows
@@ -328,6 +294,19 @@ def _spread(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def timed_row(functions, rounds, warmup, seconds, case, shape, phase, mode, jit_compile):
+    """A table row from timing `functions` ("kernorm", "keras" and optionally "stream") in steady state."""
+    per_round = time_steady(functions, rounds, warmup, seconds)
+    row = {"case": case, "shape": shape, "phase": phase, "mode": mode, "xla": bool(jit_compile), "rounds": rounds}
+    for name in ("kernorm", "keras", "stream"):
+        row[f"{name}_ms"] = statistics.median(per_round[name]) * 1e3 if name in per_round else None
+    for name in ("keras", "stream"):
+        row[f"kernorm/{name}"] = (
+            _spread([k / t for k, t in zip(per_round["kernorm"], per_round[name])]) if name in per_round else None
+        )
+    return row
+
+
 def serving_rows(cases, rounds, warmup, seconds, log):
     """One row per model and batch size: each variant's ms, and its ratios to Keras's export per round."""
     import tempfile
@@ -367,9 +346,7 @@ def serving_rows(cases, rounds, warmup, seconds, log):
 def tflite_op_counts(cases, log):
     """{model: {variant: {op: count}}} of the TFLite models converted as `scripts/train.py --tflite` does
     (from an export traced with kernorm's fast paths off)."""
-    import collections
     import tempfile
-    import warnings
 
     rng = np.random.default_rng(1)
     counts = {}
@@ -385,11 +362,7 @@ def tflite_op_counts(cases, log):
                     flatbuffer = tf.lite.TFLiteConverter.from_saved_model(folder).convert()
             finally:
                 kernorm.ops.set_fast_paths(previous)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice that LiteRT replaces it
-                interpreter = tf.lite.Interpreter(model_content=flatbuffer)
-            ops = collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
-            counts[name][variant] = dict(ops.most_common())
+            counts[name][variant] = dict(_private.tflite_op_counts(flatbuffer).most_common())
         log(format_tflite_row(name, counts[name]))
     return counts
 
@@ -442,14 +415,14 @@ TFLITE_HEADER = (
 def serving_markdown(rows, counts, info, args):
     command = "python scripts/bench.py" + (" --quick" if args.quick else "")
     command += " --only-serving" if args.only_serving else ""
-    if args.serving_rounds != (3 if args.quick else 5):
-        command += f" --serving-rounds {args.serving_rounds}"
+    if args.rounds != (3 if args.quick else 5):
+        command += f" --rounds {args.rounds}"
     load = info.get("load_average_end", info["load_average"])
     busy = "" if load is None else f" (load average {info['load_average']} at the start, {load} at the end)"
     lines = [
         f"Measured {info['date']} on {info['cores']} CPU cores ({info['cpu']}){busy}, "
         f"TensorFlow {info['tensorflow']}, Keras {info['keras']}, by `{command}`: each export called "
-        f"back to back for about {args.serving_seconds:g} s per round, {args.serving_rounds} rounds with the variants "
+        f"back to back for about {args.seconds:g} s per round, {args.rounds} rounds with the variants "
         "in turn; ratios as median (min–max) over the rounds.",
         "",
         SERVING_HEADER,
@@ -463,12 +436,12 @@ def serving_markdown(rows, counts, info, args):
 
 def format_row(row):
     shape = "x".join(str(s) for s in row["shape"])
-    stream = "" if row["kernorm/stream"] is None else f"{row['kernorm/stream']:.2f}"
+    stream = "" if row["kernorm/stream"] is None else f"{row['kernorm/stream']['median']:.2f}"
     phase = "" if row["phase"] == "-" else row["phase"]
     xla = "XLA" if row["xla"] else "graph"
     return (
         f"| {row['case']} | {shape} | {phase} | {row['mode']} | {xla} | {row['kernorm_ms']:.2f} | "
-        f"{row['keras_ms']:.2f} | {_bold_if_faster(row['kernorm/keras'], format(row['kernorm/keras'], '.2f'))} | {stream} |"
+        f"{row['keras_ms']:.2f} | {_bold_if_faster(row['kernorm/keras']['median'], _ratio(row['kernorm/keras']))} | {stream} |"
     )
 
 
@@ -515,9 +488,11 @@ def markdown(rows, info, args):
     busy = "" if load is None else f" (load average {info['load_average']} at the start, {load} at the end)"
     lines = [
         f"Measured {info['date']} on {device}{busy}, TensorFlow {info['tensorflow']}, Keras {info['keras']}, "
-        f"float32, by `{command}`; medians over {args.calls} calls after {args.warmup} warm-up calls "
-        f"({args.model_calls} training steps for the models). Bold: kernorm at least as fast as Keras."
-        + (" A --quick run takes few calls a case: its ratios move by 0.1 or more from run to run." if args.quick else ""),
+        f"float32, by `{command}`: each function called back to back for about {args.seconds:g} s per round "
+        f"(at least 3 calls), {args.rounds} rounds with the functions in turn, after {args.warmup} warm-up calls; "
+        "times are medians over the rounds, ratios the median (min–max) of the rounds' ratios. "
+        "Bold: kernorm at least as fast as Keras."
+        + (" A --quick run is short: its ratios move by 0.1 or more from run to run." if args.quick else ""),
         "",
         TABLE_HEADER,
         *(format_row(row) for row in rows),
@@ -538,9 +513,11 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer cases and calls: a CI-sized check")
     parser.add_argument("--json", metavar="PATH", help="write the rows (and the machine) as JSON to PATH")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the table in README.md")
-    parser.add_argument("--calls", type=int, help="timed calls per function (default 30; 5 with --quick)")
+    parser.add_argument("--rounds", type=int, help="rounds, each function in turn (default 5; 3 with --quick)")
+    parser.add_argument(
+        "--seconds", type=float, help="seconds of back-to-back calls per function and round (default 0.5; 0.2 with --quick)"
+    )
     parser.add_argument("--warmup", type=int, help="untimed calls first (default 3; 2 with --quick and for models)")
-    parser.add_argument("--model-calls", type=int, help="timed training steps (default 20; 3 with --quick)")
     parser.add_argument("--no-layers", action="store_true", help="skip the layer cases")
     parser.add_argument("--no-models", action="store_true", help="skip the end-to-end training steps")
     parser.add_argument(
@@ -550,26 +527,17 @@ def parse_args(argv=None):
     serving = parser.add_mutually_exclusive_group()
     serving.add_argument("--no-serving", action="store_true", help="skip the serving section")
     serving.add_argument("--only-serving", action="store_true", help="only the serving section")
-    parser.add_argument(
-        "--serving-rounds", type=int, default=None, help="rounds of the serving section (default 5; 3 with --quick)"
-    )
-    parser.add_argument(
-        "--serving-seconds", type=float, default=None,
-        help="seconds per export and round (default 0.5; 0.2 with --quick)",
-    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.models or ()) - {name for name, _ in MODEL_CASES})
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(n for n, _ in MODEL_CASES)}")
-    args.calls = args.calls or (5 if args.quick else 30)
-    args.serving_rounds = args.serving_rounds or (3 if args.quick else 5)
-    args.serving_seconds = args.serving_seconds or (0.2 if args.quick else 0.5)
-    if args.serving_rounds < 3:
-        parser.error("--serving-rounds must be at least 3: the section reports the spread over the rounds")
+    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.seconds = args.seconds or (0.2 if args.quick else 0.5)
+    if args.rounds < 3:
+        parser.error("--rounds must be at least 3: the tables report the spread over the rounds")
     if args.only_serving:
         args.no_layers = args.no_models = True
     args.warmup = args.warmup or (2 if args.quick else 3)
-    args.model_calls = args.model_calls or (3 if args.quick else 20)
     return args
 
 
@@ -587,18 +555,18 @@ def main(argv=None):
     rows = []
     if not args.no_layers:
         cases = QUICK_LAYER_CASES if args.quick else LAYER_CASES
-        rows += layer_rows(cases, args.calls, args.warmup, modes, log)
+        rows += layer_rows(cases, args.rounds, args.warmup, args.seconds, modes, log)
     if not args.no_models:
         cases = MODEL_CASES[:1] if args.quick else MODEL_CASES
         if args.models:
             cases = [case for case in MODEL_CASES if case[0] in args.models]
-        rows += model_rows(cases, args.model_calls, min(args.warmup, 2), modes, log)
+        rows += model_rows(cases, args.rounds, min(args.warmup, 2), args.seconds, modes, log)
     serving, op_counts = [], {}
     if not args.no_serving:
         cases = SERVING_CASES[1:2] if args.quick else SERVING_CASES
         log("\nServing: exported SavedModels, called back to back")
         log(SERVING_HEADER)
-        serving = serving_rows(cases, args.serving_rounds, 3, args.serving_seconds, log)
+        serving = serving_rows(cases, args.rounds, args.warmup, args.seconds, log)
         if not args.quick:
             log(TFLITE_HEADER)
             op_counts = tflite_op_counts(cases, log)
@@ -606,8 +574,8 @@ def main(argv=None):
     info["load_average_end"] = _load_average()
     log(f"done in {elapsed:.0f} s")
     if args.json:
-        payload = {"machine": info, "calls": args.calls, "warmup": args.warmup, "quick": args.quick,
-                   "seconds": elapsed, "rows": rows, "serving": serving, "tflite_ops": op_counts}
+        payload = {"machine": info, "rounds": args.rounds, "seconds_per_round": args.seconds, "warmup": args.warmup,
+                   "quick": args.quick, "elapsed_s": elapsed, "rows": rows, "serving": serving, "tflite_ops": op_counts}
         pathlib.Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     if args.update_readme:
         if rows:

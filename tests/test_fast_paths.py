@@ -662,12 +662,28 @@ def test_bench_rewrites_only_its_readme_block(tmp_path):
     assert readme.read_text() == f"before\n{bench.START}\n| new | table |\n{bench.END}\nafter\n"
 
 
-def test_bench_rows_carry_both_medians_and_the_ratios():
+def test_bench_rows_carry_the_times_and_the_ratios_spread_over_the_rounds():
     bench = _bench_module()
     lines = []
-    rows = bench.layer_rows([("layer", (2, 4, 8), ("-",))], calls=1, warmup=1, modes=(False,), log=lines.append)
+    rows = bench.layer_rows(
+        [("layer", (2, 4, 8), ("-",))], rounds=3, warmup=1, seconds=0.01, modes=(False,), log=lines.append
+    )
     assert [row["mode"] for row in rows] == ["fwd", "fwd+bwd"]
     for row in rows:
-        assert row["kernorm/keras"] == pytest.approx(row["kernorm_ms"] / row["keras_ms"])
-        assert row["kernorm/stream"] == pytest.approx(row["kernorm_ms"] / row["stream_ms"])
+        assert row["rounds"] == 3 and row["kernorm_ms"] > 0 and row["keras_ms"] > 0 and row["stream_ms"] > 0
+        for name in ("keras", "stream"):
+            spread = row[f"kernorm/{name}"]
+            assert spread["min"] <= spread["median"] <= spread["max"]
     assert len(lines) == 2 and all(line.startswith("| LayerNorm | 2x4x8 |") for line in lines)
+
+
+def test_bench_times_each_function_back_to_back_in_rounds(monkeypatch):
+    bench = _bench_module()
+    calls = []
+    clock = iter(range(10**6))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+    functions = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
+    per_round = bench.time_steady(functions, rounds=3, warmup=1, seconds=4)
+    assert {name: len(times) for name, times in per_round.items()} == {"a": 3, "b": 3}
+    timed = calls[2:]  # after one warm-up call each, runs of 4 calls (4 s at 1 s per call), the order rotated
+    assert timed == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4 + ["a"] * 4 + ["b"] * 4
