@@ -35,6 +35,15 @@ Keras:
   without it, the class names of the model's type.
 - `rnn_loop()`: `keras.src.backend.rnn`, the loop of `keras.layers.RNN` (masks,
   unrolling); without it, `scan_rnn`, the same contract without those options.
+- `layer_calls(layer)`: the layer's private `_inbound_nodes`, the calls that
+  built the functional graphs it is part of; without them, None (unknown):
+  `fold_batch_norm` then folds nothing, and each batch norm becomes a
+  per-channel affine that computes the same function.
+
+TensorFlow Lite:
+
+- `tflite_op_counts(flatbuffer)`: `tf.lite.Interpreter._get_ops_details()`;
+  without it, the op names `tf.lite.experimental.Analyzer` prints.
 
 TensorFlow Datasets (passed in, so that `import kernorm` does not import TFDS):
 
@@ -109,6 +118,47 @@ def is_functional(model):
     except ImportError:
         return any(cls.__name__ == "Functional" for cls in type(model).__mro__)
     return isinstance(model, Functional)
+
+
+def layer_calls(layer):
+    """`[(inputs, outputs), ...]`: the flat lists of input and output tensors of each call of `layer` in the
+    functional graphs it is part of, or None where they are not known.
+
+    Keras keeps them in the layer's private `_inbound_nodes`. Without it, None:
+    the public `layer.input` and `layer.output` give only the first call, and
+    cannot tell a layer called once from one called several times.
+    """
+    try:
+        return [(list(node.input_tensors), list(node.output_tensors)) for node in layer._inbound_nodes]
+    except AttributeError:  # a release without them, or whose nodes name them otherwise
+        return None
+
+
+def tflite_op_counts(flatbuffer):
+    """`collections.Counter` of the builtin op names in a TFLite model (`bytes`), the most common first.
+
+    `tf.lite.Interpreter._get_ops_details()` (private) lists them; without it,
+    the op names that the public `tf.lite.experimental.Analyzer` prints are
+    counted.
+    """
+    import collections
+    import contextlib
+    import io
+    import re
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's notice that LiteRT replaces it
+        interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    details = getattr(interpreter, "_get_ops_details", None)
+    if details is not None:
+        names = [op["op_name"] for op in details()]
+    else:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            tf.lite.experimental.Analyzer.analyze(model_content=flatbuffer)
+        names = re.findall(r"^\s*Op#\d+ (\w+)\(", printed.getvalue(), re.MULTILINE)
+    return collections.Counter(dict(collections.Counter(names).most_common()))
 
 
 def rnn_loop():

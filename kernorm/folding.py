@@ -168,26 +168,36 @@ def _fold(model):
 
 
 def _foldable_pairs(model):
-    """{id(norm): (layer, norm)} for each batch norm of `model`'s own graph that folds into the layer before it."""
-    outputs = {id(tensor) for tensor in model.outputs}
+    """{id(norm): (layer, norm)} for each batch norm of `model`'s own graph that folds into the layer before it.
+
+    Nothing folds where the graph's calls are not all known (see `_private.layer_calls`): a batch norm that is
+    not folded still computes the same function, as a per-channel affine."""
+    calls = {id(layer): _private.layer_calls(layer) for layer in model.layers}
+    if any(layer_calls is None for layer_calls in calls.values()):
+        return {}
+    uses = {}  # id(tensor): how many calls take it, the model's outputs included
+    for layer_calls in calls.values():
+        for inputs, _ in layer_calls:
+            for tensor in inputs:
+                uses[id(tensor)] = uses.get(id(tensor), 0) + 1
+    for tensor in model.outputs:
+        uses[id(tensor)] = uses.get(id(tensor), 0) + 1
+    producers = {
+        id(tensor): layer for layer in model.layers if len(calls[id(layer)]) == 1 for tensor in calls[id(layer)][0][1]
+    }
     pairs = {}
     for norm in model.layers:
-        if not isinstance(norm, BATCH_NORMS) or len(norm._inbound_nodes) != 1:
+        if not isinstance(norm, BATCH_NORMS) or len(calls[id(norm)]) != 1 or len(calls[id(norm)][0][0]) != 1:
             continue
-        inputs = norm._inbound_nodes[0].input_tensors
-        if len(inputs) != 1:
-            continue
-        history = inputs[0]._keras_history
-        layer = history.operation
+        tensor = calls[id(norm)][0][0][0]
+        layer = producers.get(id(tensor))
         foldable = (
             isinstance(layer, FOLDABLE)
-            and len(layer._inbound_nodes) == 1
-            and len(layer._outbound_nodes) == 1  # the batch norm is the only use of the layer's output
-            and id(inputs[0]) not in outputs
+            and uses[id(tensor)] == 1  # the batch norm is the only use of the layer's output
             and layer.activation in (None, keras.activations.linear)
             and getattr(layer, "quantization_mode", None) is None
             and not getattr(layer, "lora_enabled", False)
-            and _norm_axes(norm, len(inputs[0].shape)) == [_channel_axis(layer, len(inputs[0].shape))]
+            and _norm_axes(norm, len(tensor.shape)) == [_channel_axis(layer, len(tensor.shape))]
         )
         if foldable:
             pairs[id(norm)] = (layer, norm)
@@ -224,9 +234,8 @@ def _statistics(norm):
 
 def _scale_and_shift(norm):
     """`(scale, shift)` with `norm(x, training=False) == x * scale + shift`, in float64."""
-    mean, variance, gamma, beta = _statistics(norm)
-    scale = gamma / np.sqrt(variance + norm.epsilon)
-    return scale, beta - mean * scale
+    mean, variance, gamma, beta = (tf.constant(vector) for vector in _statistics(norm))
+    return tuple(value.numpy() for value in ops.inference_affine(mean, variance, gamma, beta, norm.epsilon))
 
 
 def _folded_weights(layer, norm):
@@ -244,7 +253,7 @@ def _folded_weights(layer, norm):
 
 def _affine(norm):
     """A Keras batch norm that computes `x * scale + shift` in every mode, for a batch norm that does not fold."""
-    axes = _norm_axes(norm, len(norm._inbound_nodes[0].input_tensors[0].shape))
+    axes = norm.axis if isinstance(norm.axis, (list, tuple)) else [norm.axis]
     if len(axes) != 1:
         raise ValueError(
             f"Cannot fold batch norm {norm.name!r} over the axes {axes}: only a batch norm over one channel "
@@ -341,7 +350,7 @@ def recalibrate_batch_norm(model, dataset, steps=None, verbose="auto"):
         variance = np.where(seen, squares / np.maximum(count, 1.0), before[id(norm.moving_variance)])
         _assign(norm, moving_mean=mean, moving_variance=variance)
         if getattr(norm, "moving_stddev", None) is not None:
-            _assign(norm, moving_stddev=np.sqrt(variance + norm.epsilon))
+            _assign(norm, moving_stddev=ops.stddev_from_variance(variance, norm.epsilon))
     return {"steps": count_batches, "examples": examples, "layers": len(norms)}
 
 
@@ -356,22 +365,14 @@ def _accumulate(model, batches, steps, records, norms, verbose):
         # A batch norm that this input does not reach records nothing.
         return [records.get(id(norm), ()) for norm in norms]
 
-    pooled = [[np.zeros(norm.moving_mean.shape, np.float64) for _ in range(3)] for norm in norms]
+    pooled = [[tf.zeros(norm.moving_mean.shape, tf.float64)] * 3 for norm in norms]
     progress = keras.utils.Progbar(steps, verbose=1 if verbose == "auto" else verbose, unit_name="step")
     count_batches = examples = 0
     for batch in itertools.islice(batches, steps):
         inputs = keras.utils.unpack_x_y_sample_weight(batch)[0]
-        for (count, mean, squares), record in zip(pooled, forward(inputs)):
-            if not record:
-                continue
-            batch_count, batch_mean, batch_variance = (np.asarray(value, np.float64) for value in record)
-            # Chan et al.'s pairwise update: exact pooled moments without a sum of squares that cancels.
-            total = count + batch_count
-            delta = batch_mean - mean
-            weight = batch_count / np.maximum(total, 1.0)
-            mean += delta * weight
-            squares += batch_variance * batch_count + delta**2 * count * weight
-            count[...] = total
+        for index, record in enumerate(forward(inputs)):
+            if record:
+                pooled[index] = ops.merge_moments(*pooled[index], *(tf.cast(value, tf.float64) for value in record))
         count_batches += 1
         examples += int(tf.shape(tf.nest.flatten(inputs)[0])[0])
         progress.update(count_batches)
@@ -385,7 +386,7 @@ def _accumulate(model, batches, steps, records, norms, verbose):
             f"cover those {count_batches} batches.",
             stacklevel=3,
         )
-    return count_batches, examples, [tuple(values) for values in pooled]
+    return count_batches, examples, [tuple(value.numpy() for value in values) for values in pooled]
 
 
 def _recording_call(norm, records):

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import kernorm
 import numpy_reference as ref
-from kernorm import models
+from kernorm import _private, models
 
 FOLD_TOLERANCE = 1e-5
 
@@ -262,9 +262,7 @@ def _three_conv_network(norm):
 
 
 def _tflite_ops(model):
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    interpreter = tf.lite.Interpreter(model_content=converter.convert())
-    return collections.Counter(op["op_name"] for op in interpreter._get_ops_details())
+    return _private.tflite_op_counts(tf.lite.TFLiteConverter.from_keras_model(model).convert())
 
 
 def test_tflite_folds_kernorm_batch_norm_as_it_folds_keras_batch_norm(rng):

@@ -121,6 +121,31 @@ def test_normalize_is_the_affine_formula(rng):
     assert outputs.dtype == tf.float32
 
 
+@pytest.mark.parametrize("with_affine", [True, False])
+def test_inference_affine_is_normalize_as_one_multiply_and_add(with_affine, rng):
+    x = rng.normal(size=(5, 3))
+    mean, variance = rng.normal(size=3), rng.uniform(0.5, 2.0, 3)
+    gamma, beta = (rng.normal(size=3), rng.normal(size=3)) if with_affine else (None, None)
+    scale, shift = ops.inference_affine(*(None if v is None else tf.constant(v) for v in (mean, variance, gamma, beta)),
+                                        epsilon=1e-3)
+    assert scale.dtype == shift.dtype == tf.float64
+    expected = ref.batch_norm_inference(x, -1, mean, variance, gamma, beta, 1e-3)
+    np.testing.assert_allclose(x * scale.numpy() + shift.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_merge_moments_gives_the_statistics_of_all_the_batches_together(rng):
+    batches = [rng.normal(loc, 2.0, size=(n, 3)) for loc, n in [(1e3, 7), (-5.0, 1), (0.5, 20)]]
+    state = [tf.zeros(3, tf.float64)] * 3
+    for batch in batches:
+        state = ops.merge_moments(*state, np.full(3, float(len(batch))), batch.mean(0), batch.var(0))
+    state = ops.merge_moments(*state, tf.zeros(3, tf.float64), np.full(3, 1e9), np.full(3, 1e9))  # an empty batch
+    values = np.concatenate(batches)
+    count, mean, squares = (t.numpy() for t in state)
+    np.testing.assert_array_equal(count, len(values))
+    np.testing.assert_allclose(mean, values.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(squares / count, values.var(0), rtol=1e-10)
+
+
 def _gradients(function, x, upstream, params):
     with tf.GradientTape() as tape:
         tape.watch([x, *params])

@@ -71,6 +71,8 @@ import tensorflow as tf
 from kernorm import _private
 from kernorm.ops import kernels, reference
 from kernorm.ops.reference import (  # noqa: F401 (the public API)
+    inference_affine,
+    merge_moments,
     moments,
     moving_average,
     renorm_correction,
@@ -93,6 +95,8 @@ __all__ = [
     "rms_norm",
     "group_norm",
     "on_flat_values",
+    "inference_affine",
+    "merge_moments",
     "moving_average",
     "where_counted",
     "renorm_correction",

@@ -310,6 +310,19 @@ def normalize(x, mean, variance, gamma=None, beta=None, epsilon=1e-3):
     return tf.cast(outputs, x.dtype)
 
 
+def inference_affine(mean, variance, gamma=None, beta=None, epsilon=1e-3):
+    """`(scale, shift)` with `normalize(x, mean, variance, gamma, beta, epsilon) == x * scale + shift`:
+    `scale = gamma * rsqrt(variance + epsilon)` and `shift = beta - mean * scale`, in the dtype of `mean`.
+
+    This is the form a batch norm takes when it is folded into the layer before
+    it; compute it in float64 (the uncentred `x * scale + shift` loses what the
+    centred form keeps for a large mean)."""
+    scale = inverse_std(variance, epsilon)
+    scale = scale if gamma is None else scale * tf.cast(gamma, scale.dtype)
+    shift = -mean * scale
+    return scale, shift if beta is None else shift + tf.cast(beta, shift.dtype)
+
+
 def affine_grad(upstream, normalized, gamma, gamma_axes, beta_axes, keepdims=True):
     """Gradients of `normalized * gamma + beta`: `(d_normalized, d_gamma, d_beta)`.
 
@@ -406,6 +419,19 @@ def pooled_moments(mean, variance, count):
     count = tf.broadcast_to(tf.cast(count, mean.dtype), tf.shape(mean))
     total = tf.maximum(tf.reduce_sum(count, 0), 1.0)
     return tf.reduce_sum(mean * count, 0) / total, tf.reduce_sum(variance * count, 0) / total, tf.reduce_sum(count, 0)
+
+
+def merge_moments(count, mean, squares, batch_count, batch_mean, batch_variance):
+    """Running statistics `(count, mean, squares)` (`squares`: the sum of squared deviations from the mean)
+    updated by a batch's `(count, mean, biased variance)`, by Chan et al.'s pairwise formula: exact pooled
+    moments, without a sum of squares that cancels. The pooled variance is `squares / count`.
+
+    Unlike `pooled_moments`, the variance includes the spread between the batches' means: this is the
+    variance of all the values together. A zero `batch_count` leaves the statistics as they are."""
+    total = count + batch_count
+    delta = batch_mean - mean
+    weight = batch_count / tf.maximum(total, 1.0)
+    return total, mean + delta * weight, squares + batch_variance * batch_count + delta**2 * count * weight
 
 
 def moving_average(moving, value, momentum, count=None):
