@@ -6,21 +6,26 @@ same command on one device, in this process. With synchronized batch norm, two r
 compute what one device computes on 16, up to the order of float sums. With more than one replica,
 validation takes the 48 examples of whole global batches.
 
-The workers name only 127.0.0.1 in `TF_CONFIG`, on ports that were free there. TensorFlow's gRPC server
-itself listens on the wildcard address of its port (its listener address is fixed in TensorFlow: there is
-no option to bind it to the loopback interface). Each process is waited for with a timeout and killed if it
-overruns it, so that no test leaves a process behind.
+The workers name only 127.0.0.1 in `TF_CONFIG`. TensorFlow's gRPC server listens on the wildcard address of
+its port (its listener address is fixed in TensorFlow: there is no option to bind it to the loopback
+interface), so the workers run in a network namespace of their own whose only interface is the loopback one
+(`unshare --net`, entered with `nsenter`): no port of theirs is reachable from, or reaches, anything outside
+127.0.0.1. Where the namespace cannot be made (no `unshare`, or no permission), they run in the machine's
+network with a warning. Each process is waited for with a timeout and killed if it overruns it, so that no
+test leaves a process behind.
 """
 
 import csv
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
 import sys
 import time
 import types
+import warnings
 
 import keras
 import numpy as np
@@ -58,6 +63,52 @@ def _free_ports(count):
             s.close()
 
 
+class LoopbackNetwork:
+    """A network namespace whose only interface is the loopback one, held open by a sleeping process."""
+
+    def __init__(self):
+        self.holder, self.reason = None, None
+        command = ["unshare", "--net", "sh", "-c", "ip link set lo up && echo ready && exec sleep 3600"]
+        try:
+            self.holder = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            ready = self.holder.stdout.readline().strip() == b"ready"
+        except OSError as error:
+            ready, self.reason = False, str(error)
+        if not ready:
+            if self.holder is not None:
+                self.close()
+                self.reason = self.holder.stderr.read().decode(errors="replace").strip() or "unshare failed"
+            self.holder = None
+            warnings.warn(f"the workers run in the machine's network: no namespace of their own ({self.reason})")
+
+    @property
+    def prefix(self):
+        """The command prefix that runs a program in the namespace."""
+        return [] if self.holder is None else ["nsenter", f"--net=/proc/{self.holder.pid}/ns/net", "--"]
+
+    def namespace(self, pid):
+        return os.readlink(f"/proc/{pid}/ns/net")
+
+    def interfaces(self):
+        """The network interfaces of the namespace, from the kernel's own list."""
+        lines = pathlib.Path(f"/proc/{self.holder.pid}/net/dev").read_text().splitlines()[2:]
+        return sorted(line.split(":")[0].strip() for line in lines)
+
+    def close(self):
+        if self.holder is not None and self.holder.poll() is None:
+            self.holder.kill()
+            self.holder.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loopback_network():
+    network = LoopbackNetwork()
+    Workers.network = network
+    yield network
+    Workers.network = None
+    network.close()
+
+
 def _env(**extra):
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
 
@@ -68,14 +119,16 @@ def _tf_config(ports, index):
 
 
 class Workers:
-    """Two train.py processes of one cluster; output to files, each waited for with a timeout."""
+    """Two train.py processes of one cluster, in `network`; output to files, each waited for with a timeout."""
+
+    network = None  # the module's LoopbackNetwork
 
     def __init__(self, folder, name, outs, args, env=None, envs=(None, None)):
         ports = _free_ports(2)
         self.logs = [folder / f"{name}-worker{index}.log" for index in range(2)]
         self.processes = []
         for index, (out, log) in enumerate(zip(outs, self.logs)):
-            command = [sys.executable, str(WRAPPER), str(EXAMPLES), *args, "--out", str(out)]
+            command = [*self.network.prefix, sys.executable, str(WRAPPER), str(EXAMPLES), *args, "--out", str(out)]
             command += ["--strategy", "multi-worker"]
             with open(log, "w") as file:
                 process_env = _env(TF_CONFIG=_tf_config(ports, index), **(env or {}), **(envs[index] or {}))
@@ -247,6 +300,10 @@ def test_sigkill_of_a_worker_mid_epoch_stops_the_other_then_both_resume(tmp_path
                 assert process.poll() is None, workers.output(index)[-3000:]
             assert time.monotonic() < deadline, "epoch 2 never began"
             time.sleep(0.1)
+        if workers.network.holder is not None:  # both workers in the loopback-only namespace
+            expected = workers.network.namespace(workers.network.holder.pid)
+            assert [workers.network.namespace(p.pid) for p in workers.processes] == [expected, expected]
+            assert expected != workers.network.namespace(os.getpid())
         time.sleep(1.0)  # into epoch 2's steps, each of which sleeps 2 s
         workers.processes[1].send_signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -286,6 +343,20 @@ def test_sigkill_of_a_worker_mid_epoch_stops_the_other_then_both_resume(tmp_path
 
 
 # Fast checks: the flags, the choice of strategy, the checks before anything runs.
+
+
+def test_the_workers_name_only_127_0_0_1_in_a_network_of_the_loopback_interface_alone(loopback_network):
+    for index in range(2):
+        config = json.loads(_tf_config([1234, 1235], index))
+        assert all(address.startswith("127.0.0.1:") for address in config["cluster"]["worker"])
+    if loopback_network.holder is None:
+        warnings.warn(f"no network namespace for the workers: {loopback_network.reason}")
+        return
+    assert loopback_network.interfaces() == ["lo"]
+    probe = "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); print(socket.gethostbyname('localhost'))"
+    result = subprocess.run([*loopback_network.prefix, sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "127.0.0.1", result.stderr
 
 
 def test_the_flags_and_their_defaults_are_config_s():
