@@ -20,9 +20,10 @@ RMSNormalization on (16, 512, 768); each forward and forward plus backward
 (gradients for the input and the weights), in a `tf.function` with and without
 `jit_compile`. Then end-to-end training steps of `resnet20` (32x32x3 images,
 batch 128) and `transformer_small` (128-token sequences, batch 32), each against
-the same architecture built with `keras.layers` norms, and of `lstm_tiny` with
-layer norm (128-token sequences, batch 64) against the same classifier built on
-`keras.layers.LSTM`: the cost of normalizing every step.
+the same architecture built with `keras.layers` norms, and of `lstm_tiny`
+(128-token sequences, batch 64) against the same classifier built on
+`keras.layers.LSTM`: without a norm, like with like; with layer norm, in a
+table of its own, the cost of normalizing every step.
 
 Then the serving section: the exported SavedModel (`model.export`) of
 `convnet`, `resnet20`, `resnet50` at 64x64 and `transformer_tiny`, at batch 1
@@ -73,10 +74,12 @@ QUICK_LAYER_CASES = [
     ("rms", (16, 512, 768), ("-",)),
 ]
 MODEL_CASES = [
-    # (model, batch size)
-    ("resnet20", 128),
-    ("transformer_small", 32),
-    ("lstm_tiny", 64),
+    # (model, batch size, kernorm's norm): each against the same model with Keras's norm; the LSTMs
+    # against the same classifier on keras.layers.LSTM, which has no norm (see model_rows)
+    ("resnet20", 128, "batch"),
+    ("transformer_small", 32, "layer"),
+    ("lstm_tiny", 64, None),
+    ("lstm_tiny", 64, "layer"),
 ]
 
 
@@ -160,7 +163,7 @@ def model_function(name, norm, batch_size, jit_compile, rng):
             model = models.get(name, vocab_size=20000, sequence_length=128, num_classes=2, norm=norm)
         x = rng.integers(1, 20000, (batch_size, 128))
         y = rng.integers(0, 2, (batch_size,))
-    if norm is not keras.layers.LSTM:
+    if norm not in (keras.layers.LSTM, None):
         expected = kernorm if isinstance(norm, str) else keras
         norms = [layer for layer in _private.all_layers(model) if "Normalization" in type(layer).__name__]
         wrong = [type(layer) for layer in norms if not type(layer).__module__.startswith(expected.__name__)]
@@ -190,27 +193,31 @@ def keras_lstm_classifier(name, vocab_size, num_classes):
 
 
 def model_rows(cases, rounds, warmup, seconds, modes, log):
+    """Training steps of kernorm's zoo models against the same models with Keras's norms. Keras has no
+    normalized LSTM: `lstm_tiny` without a norm is timed against the classifier on `keras.layers.LSTM` (the
+    same computation), and with layer norm against it too, a row marked `cost`: what normalizing every step
+    costs, not a comparison of like with like."""
     rng = np.random.default_rng(0)
     rows = []
     keras_norms = {
         "resnet": keras.layers.BatchNormalization,
         "transformer": keras.layers.LayerNormalization,
-        "rnn": keras.layers.LSTM,  # no norm at all: the row shows what normalizing every step costs
+        "rnn": keras.layers.LSTM,
     }
-    for name, batch_size in cases:
+    for name, batch_size, norm in cases:
         family = "resnet" if name.startswith("resnet") else "rnn" if "lstm" in name else "transformer"
-        ours = "batch" if family == "resnet" else "layer"
+        phase = "train step" if family != "rnn" else f"train step, {norm or 'no'} norm"
         for jit_compile in modes:
             try:
                 functions = {
-                    "kernorm": model_function(name, ours, batch_size, jit_compile, rng),
+                    "kernorm": model_function(name, norm, batch_size, jit_compile, rng),
                     "keras": model_function(name, keras_norms[family], batch_size, jit_compile, rng),
                 }
-                row = timed_row(functions, rounds, warmup, seconds, name, [batch_size], "train step", "fit step",
-                                jit_compile)
+                row = timed_row(functions, rounds, warmup, seconds, name, [batch_size], phase, "fit step", jit_compile)
             except Exception as error:  # the zoo may lack a model; report it and go on
                 log(f"  {name} (xla={jit_compile}) skipped: {type(error).__name__}: {error}")
                 continue
+            row["cost"] = family == "rnn" and norm is not None
             rows.append(row)
             log(format_row(row))
     return rows
@@ -413,17 +420,8 @@ TFLITE_HEADER = (
 
 
 def serving_markdown(rows, counts, info, args):
-    command = "python scripts/bench.py" + (" --quick" if args.quick else "")
-    command += " --only-serving" if args.only_serving else ""
-    if args.rounds != (3 if args.quick else 5):
-        command += f" --rounds {args.rounds}"
-    load = info.get("load_average_end", info["load_average"])
-    busy = "" if load is None else f" (load average {info['load_average']} at the start, {load} at the end)"
     lines = [
-        f"Measured {info['date']} on {info['cores']} CPU cores ({info['cpu']}){busy}, "
-        f"TensorFlow {info['tensorflow']}, Keras {info['keras']}, by `{command}`: each export called "
-        f"back to back for about {args.seconds:g} s per round, {args.rounds} rounds with the variants "
-        "in turn; ratios as median (min–max) over the rounds.",
+        measured(info, args, "each export called back to back") + " Bold: kernorm at least as fast as Keras.",
         "",
         SERVING_HEADER,
         *(format_serving_row(row) for row in rows),
@@ -481,22 +479,41 @@ def _load_average():
         return None
 
 
-def markdown(rows, info, args):
+def measured(info, args, what):
+    """The line above a table: the machine, the versions, the command and how it timed `what`."""
     command = "python scripts/bench.py" + (" --quick" if args.quick else "")
+    command += " --only-serving" if args.only_serving else ""
+    if args.rounds != (3 if args.quick else 5):
+        command += f" --rounds {args.rounds}"
     device = f"{info['cores']} CPU cores ({info['cpu']})" + (f", {len(info['gpus'])} GPU" if info["gpus"] else "")
     load = info.get("load_average_end", info["load_average"])
     busy = "" if load is None else f" (load average {info['load_average']} at the start, {load} at the end)"
-    lines = [
+    return (
         f"Measured {info['date']} on {device}{busy}, TensorFlow {info['tensorflow']}, Keras {info['keras']}, "
-        f"float32, by `{command}`: each function called back to back for about {args.seconds:g} s per round "
-        f"(at least 3 calls), {args.rounds} rounds with the functions in turn, after {args.warmup} warm-up calls; "
-        "times are medians over the rounds, ratios the median (min–max) of the rounds' ratios. "
-        "Bold: kernorm at least as fast as Keras."
-        + (" A --quick run is short: its ratios move by 0.1 or more from run to run." if args.quick else ""),
+        f"float32, by `{command}`: {what} for about {args.seconds:g} s per round (at least 3 calls), "
+        f"{args.rounds} rounds in turn, after {args.warmup} warm-up calls; times are medians over the rounds, "
+        "ratios the median (min–max) of the rounds' ratios."
+        + (" A --quick run is short: its ratios move by 0.1 or more from run to run." if args.quick else "")
+    )
+
+
+def markdown(rows, info, args):
+    lines = [
+        measured(info, args, "each function called back to back") + " Bold: kernorm at least as fast as Keras.",
         "",
         TABLE_HEADER,
-        *(format_row(row) for row in rows),
+        *(format_row(row) for row in rows if not row.get("cost")),
     ]
+    costs = [row for row in rows if row.get("cost")]
+    if costs:
+        lines += [
+            "",
+            "The cost of a norm at every step (Keras has no normalized LSTM: the same classifier on "
+            "`keras.layers.LSTM`, without a norm, is the comparison):",
+            "",
+            TABLE_HEADER.replace("kernorm/Keras", "kernorm/Keras (no norm)"),
+            *(format_row(row) for row in costs),
+        ]
     return "\n".join(lines)
 
 
@@ -521,16 +538,17 @@ def parse_args(argv=None):
     parser.add_argument("--no-layers", action="store_true", help="skip the layer cases")
     parser.add_argument("--no-models", action="store_true", help="skip the end-to-end training steps")
     parser.add_argument(
-        "--models", nargs="+", metavar="NAME", help=f"only these training steps, of {', '.join(n for n, _ in MODEL_CASES)}"
+        "--models", nargs="+", metavar="NAME", help=f"only these training steps, of {', '.join(sorted({case[0] for case in MODEL_CASES}))}"
     )
     parser.add_argument("--no-xla", action="store_true", help="only time tf.function without jit_compile")
     serving = parser.add_mutually_exclusive_group()
     serving.add_argument("--no-serving", action="store_true", help="skip the serving section")
     serving.add_argument("--only-serving", action="store_true", help="only the serving section")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.models or ()) - {name for name, _ in MODEL_CASES})
+    names = sorted({case[0] for case in MODEL_CASES})
+    unknown = sorted(set(args.models or ()) - set(names))
     if unknown:
-        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(n for n, _ in MODEL_CASES)}")
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(names)}")
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.seconds = args.seconds or (0.2 if args.quick else 0.5)
     if args.rounds < 3:
