@@ -4,7 +4,8 @@ Each runtime runs predict.py in a virtualenv of its own that has that runtime
 and nothing else of the serving stack: TensorFlow without kernorm
 (`python_without_kernorm`), `ai-edge-litert` alone, `onnxruntime` alone. The
 last two are installed with pip once per session; without a package index the
-tests that need them skip.
+tests that need them fail with pip's message (they are not real-data tests, so
+they do not skip).
 """
 
 import importlib.util
@@ -89,13 +90,13 @@ def _runtime_python(runtime, tmp_path_factory, python_without_kernorm):
             assert result.stdout.strip() == "clean", f"the {runtime} virtualenv must have {module} and no TensorFlow"
             _RUNTIME_PYTHONS[runtime] = python
     if isinstance(_RUNTIME_PYTHONS[runtime], str):
-        pytest.skip(_RUNTIME_PYTHONS[runtime])
+        pytest.fail(_RUNTIME_PYTHONS[runtime])
     return _RUNTIME_PYTHONS[runtime]
 
 
 def _needs(runtime):
     if runtime == "onnx" and not HAS_TF2ONNX:
-        pytest.skip("train.py --onnx needs tf2onnx (pip install -e '.[test]')")
+        pytest.fail("train.py --onnx needs tf2onnx, one of the test extras: pip install -e '.[test]'")
 
 
 def _graph_ops(saved_model):
