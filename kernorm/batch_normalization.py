@@ -3,10 +3,11 @@ import tensorflow as tf
 from keras import initializers
 
 from kernorm import ops, validation, weights
+from kernorm.base_layers import NormalizationLayer
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class BatchNormalization(keras.layers.Layer):
+class BatchNormalization(NormalizationLayer):
     """Batch normalization: a drop-in superset of `keras.layers.BatchNormalization`.
 
     **In training** (`training=True` and `trainable=True`) each channel is
@@ -81,36 +82,24 @@ class BatchNormalization(keras.layers.Layer):
           (ghost batch normalization).
     """
 
+    config_arguments = (
+        "axis", "momentum", "epsilon", *weights.AFFINE_CONFIG, "moving_mean_initializer", "moving_variance_initializer",
+        "renorm", "renorm_clipping", "renorm_momentum", "synchronized", "virtual_batch_size",
+    )  # fmt: skip
+
     def __init__(
-        self,
-        axis=-1,
-        momentum=0.99,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        renorm=False,
-        renorm_clipping=None,
-        renorm_momentum=0.99,
-        synchronized=False,
-        virtual_batch_size=None,
-        **kwargs,
+        self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+        gamma_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones",
+        beta_regularizer=None, gamma_regularizer=None, beta_constraint=None, gamma_constraint=None, renorm=False,
+        renorm_clipping=None, renorm_momentum=0.99, synchronized=False, virtual_batch_size=None, **kwargs,
     ):
         super().__init__(**kwargs)
         self.axis = validation.axis_argument(axis)
         self.momentum = validation.momentum(momentum)
         self.epsilon = validation.non_negative(epsilon, "epsilon")
         weights.set_affine_arguments(
-            self, center, scale, beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
-            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+            self, center, scale, beta_initializer, gamma_initializer, beta_regularizer, gamma_regularizer,
+            beta_constraint, gamma_constraint,
         )
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
@@ -126,10 +115,6 @@ class BatchNormalization(keras.layers.Layer):
                 f"`virtual_batch_size`={self.virtual_batch_size} cannot be combined with `renorm`=True: "
                 "pass one or the other."
             )
-        self.supports_masking = True
-        # Float32 inputs are normalized as they are under a mixed policy (Keras
-        # casts them to float16 first, where values beyond 65504 overflow).
-        self.autocast = False
 
     def build(self, input_shape):
         ndim = len(input_shape)
@@ -242,26 +227,6 @@ class BatchNormalization(keras.layers.Layer):
         # A step that counted nothing leaves the moving variance as it was.
         moving_variance = ops.variance_from_stddev(moving_stddev, self.epsilon)
         self.moving_variance.assign(ops.where_counted(count, moving_variance, self.moving_variance))
-
-    def compute_output_shape(self, input_shape):
-        validation.canonical_axes(self.axis, len(input_shape))
-        return input_shape
-
-    def get_config(self):
-        config = {
-            "axis": self.axis,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            **weights.affine_config(self),
-            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
-            "renorm": self.renorm,
-            "renorm_clipping": self.renorm_clipping,
-            "renorm_momentum": self.renorm_momentum,
-            "synchronized": self.synchronized,
-            "virtual_batch_size": self.virtual_batch_size,
-        }
-        return {**super().get_config(), **config}
 
 
 BatchNorm = BatchNormalization

@@ -3,10 +3,11 @@ import numbers
 import keras
 
 from kernorm import ops, validation, weights
+from kernorm.base_layers import NormalizationLayer
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class GroupNormalization(keras.layers.Layer):
+class GroupNormalization(NormalizationLayer):
     """Group normalization: a drop-in superset of `keras.layers.GroupNormalization`.
 
     The channels on `axis` are split into `groups` groups of consecutive
@@ -23,14 +24,9 @@ class GroupNormalization(keras.layers.Layer):
         groups: number of groups; must divide the channels. -1 for instance norm.
         axis: the channel axis.
         epsilon: small float >= 0 added to the variance.
-        center: if True, add the learned offset `beta`.
-        scale: if True, multiply by the learned scale `gamma`.
-        beta_initializer: initializer for `beta`.
-        gamma_initializer: initializer for `gamma`.
-        beta_regularizer: optional regularizer for `beta`.
-        gamma_regularizer: optional regularizer for `gamma`.
-        beta_constraint: optional constraint for `beta`.
-        gamma_constraint: optional constraint for `gamma`.
+        center, scale, beta_initializer, gamma_initializer, beta_regularizer,
+            gamma_regularizer, beta_constraint, gamma_constraint: the learned
+            offset `beta` and scale `gamma`, as in `kernorm.BatchNormalization`.
         **kwargs: base layer arguments such as `name` and `dtype`.
 
     Call arguments:
@@ -46,20 +42,12 @@ class GroupNormalization(keras.layers.Layer):
         - [Ulyanov et al., 2016](https://arxiv.org/abs/1607.08022) (instance norm).
     """
 
+    config_arguments = ("groups", "axis", "epsilon", *weights.AFFINE_CONFIG)
+
     def __init__(
-        self,
-        groups=32,
-        axis=-1,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        **kwargs,
+        self, groups=32, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+        gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
+        gamma_constraint=None, **kwargs,
     ):
         super().__init__(**kwargs)
         if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or (groups < 1 and groups != -1):
@@ -73,13 +61,9 @@ class GroupNormalization(keras.layers.Layer):
         self.axis = int(axis)
         self.epsilon = validation.non_negative(epsilon, "epsilon")
         weights.set_affine_arguments(
-            self, center, scale, beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
-            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+            self, center, scale, beta_initializer, gamma_initializer, beta_regularizer, gamma_regularizer,
+            beta_constraint, gamma_constraint,
         )
-        self.supports_masking = True
-        # Float32 inputs are normalized as they are under a mixed policy (see LayerNormalization).
-        self.autocast = False
 
     def build(self, input_shape):
         (channels,) = validation.known_sizes(input_shape, (self._channel_axis(len(input_shape)),), self)
@@ -111,19 +95,6 @@ class GroupNormalization(keras.layers.Layer):
         validation.built_sizes(inputs.shape, (axis,), (self._channels,), self)
         outputs = ops.group_norm(inputs, self._groups, axis, self.gamma, self.beta, self.epsilon)
         return keras.ops.cast(outputs, self.compute_dtype)
-
-    def compute_output_shape(self, input_shape):
-        validation.canonical_axes(self.axis, len(input_shape))
-        return input_shape
-
-    def get_config(self):
-        config = {
-            "groups": self.groups,
-            "axis": self.axis,
-            "epsilon": self.epsilon,
-            **weights.affine_config(self),
-        }
-        return {**super().get_config(), **config}
 
 
 GroupNorm = GroupNormalization

@@ -1,12 +1,12 @@
 import keras
-import tensorflow as tf
 from keras import constraints, initializers, regularizers
 
 from kernorm import ops, validation, weights
+from kernorm.base_layers import SampleNormalization
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class RMSNormalization(keras.layers.Layer):
+class RMSNormalization(SampleNormalization):
     """Root-mean-square normalization: a superset of `keras.layers.RMSNormalization`.
 
     Each sample is scaled by the root mean square of its values over `axis`,
@@ -38,6 +38,8 @@ class RMSNormalization(keras.layers.Layer):
         - [Zhang and Sennrich, 2019](https://arxiv.org/abs/1910.07467).
     """
 
+    config_arguments = ("axis", "epsilon", "scale_initializer", "scale_regularizer", "scale_constraint")
+
     def __init__(
         self,
         axis=-1,
@@ -53,41 +55,14 @@ class RMSNormalization(keras.layers.Layer):
         self.scale_initializer = initializers.get(scale_initializer)
         self.scale_regularizer = regularizers.get(scale_regularizer)
         self.scale_constraint = constraints.get(scale_constraint)
-        self.supports_masking = True
-        # Float32 inputs are normalized as they are under a mixed policy (see LayerNormalization).
-        self.autocast = False
 
-    def build(self, input_shape):
-        axes = validation.canonical_axes(self.axis, len(input_shape))
-        shape = validation.known_sizes(input_shape, axes, self)
-        self._sizes = shape
+    def _build_weights(self, shape):
         self.scale = weights.add_weight(
             self, "scale", shape, self.scale_initializer, self.scale_regularizer, self.scale_constraint
         )
 
-    def call(self, inputs):
-        validation.float_inputs(inputs, self)
-        axes = validation.canonical_axes(self.axis, inputs.shape.rank)
-        validation.built_sizes(inputs.shape, axes, self._sizes, self)
-
-        def normalize(values, axes):
-            return ops.rms_norm(values, axes, self.scale, self.epsilon)
-
-        return tf.cast(ops.on_flat_values(normalize, inputs, axes), self.compute_dtype)
-
-    def compute_output_shape(self, input_shape):
-        validation.canonical_axes(self.axis, len(input_shape))
-        return input_shape
-
-    def get_config(self):
-        config = {
-            "axis": self.axis,
-            "epsilon": self.epsilon,
-            "scale_initializer": initializers.serialize(self.scale_initializer),
-            "scale_regularizer": regularizers.serialize(self.scale_regularizer),
-            "scale_constraint": constraints.serialize(self.scale_constraint),
-        }
-        return {**super().get_config(), **config}
+    def _normalize(self, values, axes):
+        return ops.rms_norm(values, axes, self.scale, self.epsilon)
 
 
 RMSNorm = RMSNormalization

@@ -31,28 +31,20 @@ AFFINE_ARGUMENTS = (
     "beta_initializer", "gamma_initializer", "beta_regularizer", "gamma_regularizer", "beta_constraint",
     "gamma_constraint",
 )  # fmt: skip
+#: The config entries of `gamma` and `beta`, in Keras's order: `center`, `scale` and the `AFFINE_ARGUMENTS`.
+AFFINE_CONFIG = ("center", "scale", *AFFINE_ARGUMENTS)
 
 
-def set_affine_arguments(layer, center, scale, **arguments):
+def set_affine_arguments(layer, center, scale, *arguments):
     """Keeps the arguments of the learned scale `gamma` and offset `beta` on `layer`, one attribute each, as
-    Keras's layers do: `center`, `scale` and the `AFFINE_ARGUMENTS` (initializers, regularizers, constraints)."""
+    Keras's layers do: `center`, `scale` and the `AFFINE_ARGUMENTS` (initializers, regularizers, constraints),
+    given in that order."""
     layer.center, layer.scale = center, scale
     getters = {"initializer": initializers.get, "regularizer": regularizers.get, "constraint": constraints.get}
-    for name in AFFINE_ARGUMENTS:
-        setattr(layer, name, getters[name.split("_")[1]](arguments.pop(name, None)))
-    if arguments:
-        raise TypeError(f"Unexpected arguments for gamma and beta: {sorted(arguments)}")
+    for name, argument in zip(AFFINE_ARGUMENTS, arguments, strict=True):
+        setattr(layer, name, getters[name.split("_")[1]](argument))
     layer.gamma = None
     layer.beta = None
-
-
-def affine_config(layer):
-    """The config entries that `set_affine_arguments` keeps, serialized."""
-    serializers = {"initializer": initializers.serialize, "regularizer": regularizers.serialize,
-                   "constraint": constraints.serialize}  # fmt: skip
-    config = {"center": layer.center, "scale": layer.scale}
-    config.update({name: serializers[name.split("_")[1]](getattr(layer, name)) for name in AFFINE_ARGUMENTS})
-    return config
 
 
 def add_affine_weights(layer, shape, scale=None, center=None):

@@ -19,6 +19,7 @@ import tensorflow as tf
 from keras import initializers
 
 from kernorm import _private, ops, validation, weights
+from kernorm.layer_config import ArgumentsConfig
 
 from . import common, norms
 from .transformer_layers import MaskedGlobalAveragePooling1D, PaddingMask
@@ -31,7 +32,7 @@ CELLS = ("lstm", "gru")
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class RecurrentBatchNormalization(keras.layers.Layer):
+class RecurrentBatchNormalization(ArgumentsConfig, keras.layers.Layer):
     """Batch normalization of one time step, with statistics for each step (recurrent batch norm).
 
     **In training**, at step `t` each feature is normalized with the statistics
@@ -55,18 +56,11 @@ class RecurrentBatchNormalization(keras.layers.Layer):
 
     Args:
         max_steps: number of steps with statistics of their own.
-        momentum: momentum of the moving averages, in [0, 1).
-        epsilon: small float >= 0 added to the variance.
-        center: if True, add the learned offset `beta`.
-        scale: if True, multiply by the learned scale `gamma`.
-        beta_initializer: initializer for `beta`.
-        gamma_initializer: initializer for `gamma`.
-        moving_mean_initializer: initializer for the moving means.
-        moving_variance_initializer: initializer for the moving variances.
-        beta_regularizer: optional regularizer for `beta`.
-        gamma_regularizer: optional regularizer for `gamma`.
-        beta_constraint: optional constraint for `beta`.
-        gamma_constraint: optional constraint for `gamma`.
+        momentum, epsilon, center, scale, beta_initializer, gamma_initializer,
+            moving_mean_initializer, moving_variance_initializer,
+            beta_regularizer, gamma_regularizer, beta_constraint,
+            gamma_constraint: as in `kernorm.BatchNormalization`; the moving
+            statistics are those of every step.
         **kwargs: base layer arguments such as `name` and `dtype`.
 
     Call arguments:
@@ -85,31 +79,23 @@ class RecurrentBatchNormalization(keras.layers.Layer):
         - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025).
     """
 
+    config_arguments = (
+        "max_steps", "momentum", "epsilon", *weights.AFFINE_CONFIG, "moving_mean_initializer",
+        "moving_variance_initializer",
+    )  # fmt: skip
+
     def __init__(
-        self,
-        max_steps,
-        momentum=0.99,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        **kwargs,
+        self, max_steps, momentum=0.99, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
+        gamma_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones",
+        beta_regularizer=None, gamma_regularizer=None, beta_constraint=None, gamma_constraint=None, **kwargs,
     ):
         super().__init__(**kwargs)
         self.max_steps = common.positive_int(max_steps, "max_steps")
         self.momentum = validation.momentum(momentum)
         self.epsilon = validation.non_negative(epsilon, "epsilon")
         weights.set_affine_arguments(
-            self, bool(center), bool(scale), beta_initializer=beta_initializer, gamma_initializer=gamma_initializer,
-            beta_regularizer=beta_regularizer, gamma_regularizer=gamma_regularizer,
-            beta_constraint=beta_constraint, gamma_constraint=gamma_constraint,
+            self, bool(center), bool(scale), beta_initializer, gamma_initializer, beta_regularizer, gamma_regularizer,
+            beta_constraint, gamma_constraint,
         )
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
         self.moving_variance_initializer = initializers.get(moving_variance_initializer)
@@ -157,17 +143,6 @@ class RecurrentBatchNormalization(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return input_shape
-
-    def get_config(self):
-        config = {
-            "max_steps": self.max_steps,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            **weights.affine_config(self),
-            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
-        }
-        return {**super().get_config(), **config}
 
 
 class _NormalizedCell(keras.layers.Layer):
