@@ -145,11 +145,15 @@ class RecurrentBatchNormalization(ArgumentsConfig, keras.layers.Layer):
         return input_shape
 
 
-class _NormalizedCell(keras.layers.Layer):
+class _NormalizedCell(ArgumentsConfig, keras.layers.Layer):
     """What the LSTM and GRU cells share: arguments, weights and the norms around the pre-activations."""
 
     #: How many gates the kernels hold side by side: 4 for the LSTM, 3 for the GRU.
     gates = None
+    config_arguments = (
+        "units", "norm", "norm_kwargs", "max_steps", "activation", "recurrent_activation", "kernel_initializer",
+        "recurrent_initializer", "bias_initializer",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -226,20 +230,6 @@ class _NormalizedCell(keras.layers.Layer):
         with tf.control_dependencies(tf.nest.flatten(states)):
             return tf.identity(inputs)
 
-    def get_config(self):
-        config = {
-            "units": self.units,
-            "norm": self.norm,
-            "norm_kwargs": self.norm_kwargs,
-            "max_steps": self.max_steps,
-            "activation": keras.activations.serialize(self.activation),
-            "recurrent_activation": keras.activations.serialize(self.recurrent_activation),
-            "kernel_initializer": initializers.serialize(self.kernel_initializer),
-            "recurrent_initializer": initializers.serialize(self.recurrent_initializer),
-            "bias_initializer": initializers.serialize(self.bias_initializer),
-        }
-        return {**super().get_config(), **config}
-
 
 @keras.saving.register_keras_serializable(package="kernorm")
 class NormalizedLSTMCell(_NormalizedCell):
@@ -290,6 +280,7 @@ class NormalizedLSTMCell(_NormalizedCell):
     """
 
     gates = 4
+    config_arguments = (*_NormalizedCell.config_arguments, "unit_forget_bias")
 
     def __init__(self, units, norm="layer", norm_kwargs=None, max_steps=DEFAULT_MAX_STEPS, unit_forget_bias=True, **kwargs):
         super().__init__(units, norm, norm_kwargs, max_steps, **kwargs)
@@ -327,9 +318,6 @@ class NormalizedLSTMCell(_NormalizedCell):
         c = self.recurrent_activation(f) * c_previous + self.recurrent_activation(i) * self.activation(g)
         h = self.recurrent_activation(o) * self.activation(norm(self.cell_norm, c))
         return h, [h, c]
-
-    def get_config(self):
-        return {**super().get_config(), "unit_forget_bias": self.unit_forget_bias}
 
 
 @keras.saving.register_keras_serializable(package="kernorm")

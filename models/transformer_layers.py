@@ -10,12 +10,13 @@ import tensorflow as tf
 from keras import initializers
 
 from kernorm.add_norm import AddNorm
+from kernorm.layer_config import ArgumentsConfig
 
 from . import common, norms
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class PaddingMask(keras.layers.Layer):
+class PaddingMask(ArgumentsConfig, keras.layers.Layer):
     """`token_ids != padding_id`: the boolean mask of the real tokens.
 
     Args:
@@ -25,6 +26,8 @@ class PaddingMask(keras.layers.Layer):
     Call arguments:
         inputs: integer token ids of any shape.
     """
+
+    config_arguments = ("padding_id",)
 
     def __init__(self, padding_id=0, **kwargs):
         super().__init__(**kwargs)
@@ -36,12 +39,9 @@ class PaddingMask(keras.layers.Layer):
     def compute_output_spec(self, inputs):
         return keras.KerasTensor(inputs.shape, dtype="bool")
 
-    def get_config(self):
-        return {**super().get_config(), "padding_id": self.padding_id}
-
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class PositionEmbedding(keras.layers.Layer):
+class PositionEmbedding(ArgumentsConfig, keras.layers.Layer):
     """Adds a learned embedding of each position: `outputs = inputs + embeddings[:length]`.
 
     Sequences may be shorter than `sequence_length`; position `t` always gets
@@ -55,6 +55,8 @@ class PositionEmbedding(keras.layers.Layer):
     Call arguments:
         inputs: `(batch, length, features)` with `length <= sequence_length`.
     """
+
+    config_arguments = ("sequence_length", "initializer")
 
     def __init__(self, sequence_length, initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
@@ -85,13 +87,9 @@ class PositionEmbedding(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def get_config(self):
-        config = {"sequence_length": self.sequence_length, "initializer": initializers.serialize(self.initializer)}
-        return {**super().get_config(), **config}
-
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class PatchEmbedding(keras.layers.Layer):
+class PatchEmbedding(ArgumentsConfig, keras.layers.Layer):
     """Splits images into non-overlapping patches and projects each to `d_model` features.
 
     A `patch_size` x `patch_size` convolution with stride `patch_size`,
@@ -106,6 +104,8 @@ class PatchEmbedding(keras.layers.Layer):
         inputs: `(batch, height, width, channels)` images; the patch size must
             divide height and width.
     """
+
+    config_arguments = ("patch_size", "d_model")
 
     def __init__(self, patch_size, d_model, **kwargs):
         super().__init__(**kwargs)
@@ -131,18 +131,17 @@ class PatchEmbedding(keras.layers.Layer):
         patches = (input_shape[1] // self.patch_size) * (input_shape[2] // self.patch_size)
         return (input_shape[0], patches, self.d_model)
 
-    def get_config(self):
-        return {**super().get_config(), "patch_size": self.patch_size, "d_model": self.d_model}
-
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class ClassToken(keras.layers.Layer):
+class ClassToken(ArgumentsConfig, keras.layers.Layer):
     """Prepends a learned class token to a sequence: `(batch, n, d)` -> `(batch, n + 1, d)`.
 
     Args:
         initializer: initializer for the `(1, 1, d)` token.
         **kwargs: base layer arguments such as `name`.
     """
+
+    config_arguments = ("initializer",)
 
     def __init__(self, initializer="zeros", **kwargs):
         super().__init__(**kwargs)
@@ -160,12 +159,9 @@ class ClassToken(keras.layers.Layer):
         length = None if input_shape[1] is None else input_shape[1] + 1
         return (input_shape[0], length, input_shape[2])
 
-    def get_config(self):
-        return {**super().get_config(), "initializer": initializers.serialize(self.initializer)}
-
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class SelfAttention(keras.layers.Layer):
+class SelfAttention(ArgumentsConfig, keras.layers.Layer):
     """Multi-head self-attention with dropout on its output: a sublayer for `kernorm.AddNorm`.
 
     `outputs = dropout(MultiHeadAttention(x, x, attention_mask))`, with
@@ -183,6 +179,8 @@ class SelfAttention(keras.layers.Layer):
         attention_mask: optional boolean `(batch, length, length)`: which
             positions each query may attend to.
     """
+
+    config_arguments = ("num_heads", "dropout")
 
     def __init__(self, num_heads, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
@@ -208,12 +206,9 @@ class SelfAttention(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def get_config(self):
-        return {**super().get_config(), "num_heads": self.num_heads, "dropout": self.dropout}
-
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class FeedForward(keras.layers.Layer):
+class FeedForward(ArgumentsConfig, keras.layers.Layer):
     """The position-wise feed-forward network: `dropout(Dense(activation(Dense(x))))`.
 
     Args:
@@ -226,6 +221,8 @@ class FeedForward(keras.layers.Layer):
         inputs: `(..., features)`; the output has the same shape.
         training: Python bool, for dropout.
     """
+
+    config_arguments = ("hidden_dim", "dropout", "activation")
 
     def __init__(self, hidden_dim, dropout=0.0, activation="relu", **kwargs):
         super().__init__(**kwargs)
@@ -248,17 +245,9 @@ class FeedForward(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
-    def get_config(self):
-        config = {
-            "hidden_dim": self.hidden_dim,
-            "dropout": self.dropout,
-            "activation": keras.activations.serialize(self.activation),
-        }
-        return {**super().get_config(), **config}
-
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class TransformerEncoderBlock(keras.layers.Layer):
+class TransformerEncoderBlock(ArgumentsConfig, keras.layers.Layer):
     """A Transformer encoder block: self-attention and a feed-forward network, each in `kernorm.AddNorm`.
 
     Post-norm (`norm_first=False`, Vaswani et al.):
@@ -294,6 +283,8 @@ class TransformerEncoderBlock(keras.layers.Layer):
         - [Vaswani et al., 2017](https://arxiv.org/abs/1706.03762).
         - [Xiong et al., 2020](https://arxiv.org/abs/2002.04745) (pre-norm).
     """
+
+    config_arguments = ("num_heads", "ff_dim", "dropout", "norm", "norm_first", "norm_kwargs", "activation")
 
     def __init__(
         self, num_heads, ff_dim, dropout=0.0, norm="layer", norm_first=False, norm_kwargs=None,
@@ -344,18 +335,6 @@ class TransformerEncoderBlock(keras.layers.Layer):
     def compute_mask(self, inputs, mask=None):
         return mask
 
-    def get_config(self):
-        config = {
-            "num_heads": self.num_heads,
-            "ff_dim": self.ff_dim,
-            "dropout": self.dropout,
-            "norm": self.norm,
-            "norm_first": self.norm_first,
-            "norm_kwargs": self.norm_kwargs,
-            "activation": keras.activations.serialize(self.activation),
-        }
-        return {**super().get_config(), **config}
-
 
 @keras.saving.register_keras_serializable(package="kernorm")
 class MaskedGlobalAveragePooling1D(keras.layers.Layer):
@@ -393,13 +372,15 @@ class MaskedGlobalAveragePooling1D(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="kernorm")
-class SelectToken(keras.layers.Layer):
+class SelectToken(ArgumentsConfig, keras.layers.Layer):
     """The token at `index` of each sequence: `inputs[:, index]` (ViT's class token).
 
     Args:
         index: the position to take.
         **kwargs: base layer arguments such as `name`.
     """
+
+    config_arguments = ("index",)
 
     def __init__(self, index=0, **kwargs):
         super().__init__(**kwargs)
@@ -410,6 +391,3 @@ class SelectToken(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], input_shape[2])
-
-    def get_config(self):
-        return {**super().get_config(), "index": self.index}
