@@ -92,7 +92,7 @@ class BatchNormalization(NormalizationLayer):
         gamma_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones",
         beta_regularizer=None, gamma_regularizer=None, beta_constraint=None, gamma_constraint=None, renorm=False,
         renorm_clipping=None, renorm_momentum=0.99, synchronized=False, virtual_batch_size=None, **kwargs,
-    ):
+    ):  # fmt: skip
         super().__init__(**kwargs)
         self.axis = validation.axis_argument(axis)
         self.momentum = validation.momentum(momentum)

@@ -48,7 +48,7 @@ class GroupNormalization(NormalizationLayer):
         self, groups=32, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
         gamma_initializer="ones", beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
         gamma_constraint=None, **kwargs,
-    ):
+    ):  # fmt: skip
         super().__init__(**kwargs)
         if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or (groups < 1 and groups != -1):
             raise ValueError(

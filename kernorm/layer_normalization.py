@@ -59,7 +59,7 @@ class LayerNormalization(SampleNormalization):
     def __init__(
         self, axis=-1, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros", gamma_initializer="ones",
         beta_regularizer=None, gamma_regularizer=None, beta_constraint=None, gamma_constraint=None, **kwargs,
-    ):
+    ):  # fmt: skip
         rms_scaling = kwargs.pop("rms_scaling", False)
         if rms_scaling:
             warnings.warn(

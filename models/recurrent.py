@@ -88,7 +88,7 @@ class RecurrentBatchNormalization(ArgumentsConfig, keras.layers.Layer):
         self, max_steps, momentum=0.99, epsilon=1e-3, center=True, scale=True, beta_initializer="zeros",
         gamma_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones",
         beta_regularizer=None, gamma_regularizer=None, beta_constraint=None, gamma_constraint=None, **kwargs,
-    ):
+    ):  # fmt: skip
         super().__init__(**kwargs)
         self.max_steps = common.positive_int(max_steps, "max_steps")
         self.momentum = validation.momentum(momentum)

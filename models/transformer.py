@@ -45,21 +45,11 @@ def _encoder(x, num_heads, ff_dim, num_layers, dropout, norm, norm_first, norm_k
 
 
 def transformer_classifier(
-    vocab_size,
-    sequence_length,
-    num_classes,
-    d_model=128,
-    num_heads=4,
-    num_layers=2,
-    ff_dim=512,
-    dropout=0.1,
-    norm="layer",
-    norm_first=False,
-    norm_kwargs=None,
-    activation="relu",
-    classifier_activation=None,
-    name="transformer_classifier",
-):
+    vocab_size, sequence_length, num_classes,
+    d_model=128, num_heads=4, num_layers=2, ff_dim=512, dropout=0.1,
+    norm="layer", norm_first=False, norm_kwargs=None,
+    activation="relu", classifier_activation=None, name="transformer_classifier",
+):  # fmt: skip
     """A Transformer encoder text classifier.
 
     Token and learned position embeddings, `num_layers` encoder blocks (see
@@ -116,23 +106,11 @@ def transformer_classifier(
 
 
 def vit(
-    image_size=None,
-    patch_size=16,
-    num_classes=1000,
-    channels=3,
-    d_model=192,
-    num_heads=3,
-    num_layers=12,
-    ff_dim=768,
-    norm="layer",
-    norm_first=True,
-    dropout=0.0,
-    norm_kwargs=None,
-    activation="gelu",
-    classifier_activation=None,
-    input_shape=None,
-    name="vit",
-):
+    image_size=None, patch_size=16, num_classes=1000, channels=3,
+    d_model=192, num_heads=3, num_layers=12, ff_dim=768,
+    norm="layer", norm_first=True, dropout=0.0, norm_kwargs=None,
+    activation="gelu", classifier_activation=None, input_shape=None, name="vit",
+):  # fmt: skip
     """A Vision Transformer classifier (Dosovitskiy et al. 2021).
 
     Patch embedding, a class token, learned position embeddings, `num_layers`
