@@ -1027,8 +1027,7 @@ def _error_by_batch(rows, arm, column="val_accuracy"):
 
 def plot_batch_size(rows, path):
     """Validation error against batch size per norm, with the seeds' spread (the GN paper's Figure 1)."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = _pyplot().subplots(figsize=(7, 4.5))
     drawn = False
     for arm in CNN_NORMS:
         points = _error_by_batch(rows, arm)
@@ -1038,19 +1037,15 @@ def plot_batch_size(rows, path):
         axis.plot(sizes, [points[b][0] for b in sizes], marker="o", label=_norm_label(arm))
         axis.fill_between(sizes, [points[b][1] for b in sizes], [points[b][2] for b in sizes], alpha=0.2)
         drawn = True
-    if not drawn:
-        plt.close(figure)
-        return False
     return _finish_batch_axes(
-        figure, axis, rows, path, "batch size (examples per step)",
+        figure, axis, drawn, rows, path, "batch size (examples per step)",
         "ConvNet on Fashion-MNIST: same examples per run, learning rate linear in the batch", legend_size=8,
     )  # fmt: skip
 
 
 def plot_inference(rows, path):
     """Batch-norm cells: error with moving, batch and recalibrated statistics against batch size."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = _pyplot().subplots(figsize=(7, 4.5))
     drawn = False
     for arm, style in (("batch", "-"), ("renorm", "--"), ("ghost", ":")):
         for column, label, color in (
@@ -1064,17 +1059,20 @@ def plot_inference(rows, path):
                 axis.plot(sizes, [points[b][0] for b in sizes], style, marker="o", color=color,
                           label=f"{_norm_label(arm)}: {label}")  # fmt: skip
                 drawn = True
-    if not drawn:
-        plt.close(figure)
-        return False
     return _finish_batch_axes(
-        figure, axis, rows, path, "batch size (training, and the batches whose statistics are used)",
+        figure, axis, drawn, rows, path, "batch size (training, and the batches whose statistics are used)",
         "Batch norm at inference: which statistics", legend_size=7,
     )  # fmt: skip
 
 
-def _finish_batch_axes(figure, axis, rows, path, xlabel, title, legend_size):
-    """Validation error against the ConvNet's batch sizes, large batches on the left as in the GN paper; saves."""
+def _finish_batch_axes(figure, axis, drawn, rows, path, xlabel, title, legend_size):
+    """Validation error against the ConvNet's batch sizes, large batches on the left as in the GN paper; saves.
+
+    Returns whether it saved the figure: where nothing was `drawn`, it closes the figure and returns False.
+    """
+    if not drawn:
+        _pyplot().close(figure)
+        return False
     axis.set_xscale("log", base=2)
     axis.invert_xaxis()
     sizes = sorted({int(r["batch_size"]) for r in rows if r["model"] == "convnet"}, reverse=True)
