@@ -25,16 +25,16 @@ from kernorm.models import convert  # noqa: E402
 
 
 def build_parser():
+    names = (
+        f"{', '.join(convert.TORCHVISION_MODELS)} (torchvision), "
+        "vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224, ... (timm)"
+    )
     parser = argparse.ArgumentParser(
         prog="convert.py",
         description="Convert a torchvision ResNet or timm ViT state dict into a kernorm .keras model "
         "(and optionally a SavedModel).",
     )
-    parser.add_argument(
-        "name",
-        help=f"the reference's model name: {', '.join(convert.TORCHVISION_MODELS)} (torchvision), "
-        "vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224, ... (timm)",
-    )
+    parser.add_argument("name", help=f"the reference's model name: {names}")
     parser.add_argument("weights", help="the state dict: .pt, .pth, .bin, .safetensors or .npz")
     parser.add_argument("--out", required=True, help="the .keras file to write")
     parser.add_argument("--saved-model", default=None, metavar="DIR", help="also export a SavedModel into DIR")

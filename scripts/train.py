@@ -112,11 +112,9 @@ def build_parser():
     parser.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
     parser.add_argument("--seed", type=int, default=0, help="weights, shuffling and augmentation")
     parser.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=None,
+        "--augment", action=argparse.BooleanOptionalAction, default=None,
         help="random crop with padding and flip for training images (default: on for cifar10 only)",
-    )
+    )  # fmt: skip
     parser.add_argument(
         "--vocab-size", type=_positive_int, default=20000, help="text: most tokens kept"
     )
