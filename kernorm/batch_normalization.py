@@ -150,7 +150,8 @@ class BatchNormalization(NormalizationLayer):
                 gamma, beta, self.epsilon,
             )
             return tf.cast(outputs, self.compute_dtype)
-        inputs = self._check_values_per_channel(inputs, mask)
+        if mask is None:
+            inputs = validation.more_than_one_value(inputs, self._reduction_axes, self)
         axes, epsilon, synchronized = self._reduction_axes, self.epsilon, self.synchronized
         if self.virtual_batch_size:
             outputs, mean, variance, count = ops.ghost_batch_norm(
@@ -188,34 +189,6 @@ class BatchNormalization(NormalizationLayer):
             return tf.fill(shape, statistic)
         return tf.reshape(statistic, shape)
 
-    def _check_values_per_channel(self, inputs, mask):
-        """Refuses a training batch with one value per channel: its variance is 0, not a statistic.
-
-        With the sizes known, a ValueError now; otherwise (a graph traced for any
-        batch size) an assertion that fails when the batch arrives, before the
-        moving statistics are touched. Returns `inputs`, tied to that assertion.
-        """
-        if mask is not None or not self._reduction_axes:
-            return inputs
-        message = (
-            f"Layer '{self.name}' got one value per channel in training mode (`axis`={self.axis}): "
-            "batch statistics of a single value are meaningless (the variance is 0), so the layer "
-            "neither normalizes with them nor updates its moving statistics. Remedies: batch the "
-            "data with `drop_remainder=True` (a last batch of one sample is the usual cause), use a "
-            "larger batch, or use a norm that does not need the batch (LayerNormalization, "
-            "GroupNormalization); training=False uses the moving statistics."
-        )
-        sizes = [inputs.shape[a] for a in self._reduction_axes]
-        if None not in sizes:
-            if _product(sizes) == 1:
-                raise ValueError(f"{message} Received: inputs.shape={tuple(inputs.shape)}")
-            return inputs
-        values = tf.reduce_prod(tf.gather(tf.shape(inputs, out_type=tf.int64), self._reduction_axes))
-        # Exactly one: an empty batch counts nothing and leaves the moving statistics alone.
-        check = tf.debugging.assert_none_equal(values, tf.constant(1, tf.int64), message=message)
-        with tf.control_dependencies([check] if check is not None else []):
-            return tf.identity(inputs)
-
     def _update_renorm_statistics(self, mean, variance, count):
         """Renorm tracks moving standard deviations, as in the paper; the moving variance is derived from one."""
         stddev = ops.stddev_from_variance(variance, self.epsilon)
@@ -230,13 +203,6 @@ class BatchNormalization(NormalizationLayer):
 
 
 BatchNorm = BatchNormalization
-
-
-def _product(values):
-    result = 1
-    for value in values:
-        result *= value
-    return result
 
 
 def _renorm_clipping(clipping):

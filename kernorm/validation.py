@@ -124,3 +124,33 @@ def broadcast_mask(mask, inputs):
             f"their last axis {tuple(input_shape[:-1])}. Received: mask.shape={received_shape}"
         )
     return mask
+
+
+def more_than_one_value(inputs, axes, layer):
+    """Refuses a batch norm's training batch with one value per channel over `axes`: its variance is 0, not
+    a statistic.
+
+    With the sizes known, a ValueError now; otherwise (a graph traced for any
+    batch size) an assertion that fails when the batch arrives, before the
+    moving statistics are touched. Returns `inputs`, tied to that assertion.
+    """
+    if not axes:
+        return inputs
+    message = (
+        f"Layer '{layer.name}' got one value per channel in training mode (`axis`={layer.axis}): "
+        "batch statistics of a single value are meaningless (the variance is 0), so the layer "
+        "neither normalizes with them nor updates its moving statistics. Remedies: batch the "
+        "data with `drop_remainder=True` (a last batch of one sample is the usual cause), use a "
+        "larger batch, or use a norm that does not need the batch (LayerNormalization, "
+        "GroupNormalization); training=False uses the moving statistics."
+    )
+    sizes = [inputs.shape[a] for a in axes]
+    if None not in sizes:
+        if all(size == 1 for size in sizes):
+            raise ValueError(f"{message} Received: inputs.shape={tuple(inputs.shape)}")
+        return inputs
+    values = tf.reduce_prod(tf.gather(tf.shape(inputs, out_type=tf.int64), axes))
+    # Exactly one: an empty batch counts nothing and leaves the moving statistics alone.
+    check = tf.debugging.assert_none_equal(values, tf.constant(1, tf.int64), message=message)
+    with tf.control_dependencies([check] if check is not None else []):
+        return tf.identity(inputs)
