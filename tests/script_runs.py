@@ -10,9 +10,11 @@ import importlib.util
 import io
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 import sysconfig
+import time
 import venv
 
 import pytest
@@ -131,3 +133,22 @@ def serve(python, saved_model, body, cwd, *args):
         [python, str(PREDICT), str(saved_model), *args],
         input=json.dumps(body), capture_output=True, text=True, cwd=cwd, timeout=300,
     )  # fmt: skip
+
+
+def sigkill_when(process, ready, what, timeout):
+    """Waits until `ready()` is true, lets `process` run one second more, then kills it with SIGKILL and
+    checks that the signal is what ended it. Fails with `process`'s standard error if it exits first, and
+    says that `what` never began if `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert process.poll() is None, process.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"{what} never began"
+            time.sleep(0.1)
+        time.sleep(1.0)  # into it
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL

@@ -71,6 +71,8 @@ _RUNTIME_PYTHONS = {}
 
 def _runtime_python(runtime, tmp_path_factory, python_without_kernorm):
     """A Python for `runtime`: TensorFlow without kernorm for "tf", else a fresh virtualenv with only the runtime."""
+    if runtime == "onnx" and not HAS_TF2ONNX:
+        pytest.fail("train.py --onnx needs tf2onnx, one of the test extras: pip install -e '.[test]'")
     if runtime == "tf":
         return python_without_kernorm
     if runtime not in _RUNTIME_PYTHONS:
@@ -92,11 +94,6 @@ def _runtime_python(runtime, tmp_path_factory, python_without_kernorm):
     if isinstance(_RUNTIME_PYTHONS[runtime], str):
         pytest.fail(_RUNTIME_PYTHONS[runtime])
     return _RUNTIME_PYTHONS[runtime]
-
-
-def _needs(runtime):
-    if runtime == "onnx" and not HAS_TF2ONNX:
-        pytest.fail("train.py --onnx needs tf2onnx, one of the test extras: pip install -e '.[test]'")
 
 
 def _graph_ops(saved_model):
@@ -156,7 +153,6 @@ def test_no_fold_batch_norm_keeps_the_inference_batch_norm(image_run, tmp_path_f
 def test_each_runtime_serves_the_image_export(
     runtime, image_export, tmp_path_factory, python_without_kernorm, tmp_path
 ):
-    _needs(runtime)
     python = _runtime_python(runtime, tmp_path_factory, python_without_kernorm)
     run, _ = image_export
     images = np.random.default_rng(5).integers(0, 256, (4, 28, 28, 1)).astype(np.uint8)
@@ -172,7 +168,6 @@ def test_each_runtime_serves_the_image_export(
 def test_each_runtime_serves_the_text_export_from_strings(
     runtime, text_export, tmp_path_factory, python_without_kernorm, tmp_path
 ):
-    _needs(runtime)
     python = _runtime_python(runtime, tmp_path_factory, python_without_kernorm)
     run, metrics = text_export
     assert metrics["export"]["signatures"] == ["serving_default", "tokens"]

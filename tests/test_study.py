@@ -5,17 +5,15 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from script_runs import REPO, load_script, run_main
+from script_runs import REPO, load_script, run_main, sigkill_when
 
 import kernorm
 from kernorm import training
@@ -240,19 +238,7 @@ def test_a_killed_quick_study_resumes_without_redoing_finished_cells(tmp_path):
     process = subprocess.Popen(
         command, env={**env, "STUDY_CELL_LOG": str(first_log)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    try:
-        deadline = time.monotonic() + 300
-        while not (first_log.exists() and len(first_log.read_text().split()) >= 3):
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "the third cell never began"
-            time.sleep(0.1)
-        time.sleep(1.0)  # into the third cell's training
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    sigkill_when(process, lambda: first_log.exists() and len(first_log.read_text().split()) >= 3, "the third cell", 300)
     finished = [row["cell"] for row in study.read_results(out / "results.csv")]
     started = first_log.read_text().split()
     assert finished == started[:2], "two cells finished, the third was killed"

@@ -3,10 +3,8 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -22,6 +20,7 @@ from script_runs import (  # noqa: F401
     python_without_kernorm,
     run_main,
     serve,
+    sigkill_when,
     text_run,
     train_mock,
 )
@@ -246,19 +245,8 @@ def test_sigkill_in_the_second_epoch_then_resume_continues(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     slow = {"TRAIN_EPOCH_LOG": str(first_log), "TRAIN_STEP_SLEEP_FROM_EPOCH": "1", "TRAIN_STEP_SLEEP": "2"}
     process = subprocess.Popen(command, env={**env, **slow}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 240
-        while not (first_log.exists() and '"epoch": 1' in first_log.read_text()):
-            assert process.poll() is None, process.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "epoch 2 never began"
-            time.sleep(0.1)
-        time.sleep(1.0)  # into epoch 2's steps, each of which sleeps 2 s
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    # Killed one second into epoch 2's steps, each of which sleeps 2 s.
+    sigkill_when(process, lambda: first_log.exists() and '"epoch": 1' in first_log.read_text(), "epoch 2", 240)
     assert [int(row["epoch"]) for row in _history(run)] == [0]
     assert not (run / "metrics.json").exists() and not (run / "saved_model").exists()
 

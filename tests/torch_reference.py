@@ -167,16 +167,7 @@ def resnet_forward(state, depth, images):
 def torchvision_resnet(torchvision, depth, seed=0):
     """torchvision's own resnet{depth} with random BN statistics: (state dict of tensors, forward)."""
     load_torch()
-    model = getattr(torchvision.models, f"resnet{depth}")(weights=None)
-    state = random_state_dict({name: tuple(t.shape) for name, t in model.state_dict().items()}, seed)
-    model.load_state_dict({name: torch.as_tensor(value) for name, value in state.items()})
-    model.eval()
-
-    def forward(images):
-        with torch.no_grad():
-            return model(torch.as_tensor(images)).double().numpy()
-
-    return model.state_dict(), forward
+    return _with_random_state(getattr(torchvision.models, f"resnet{depth}")(weights=None), random_state_dict, seed)
 
 
 # --- timm VisionTransformer ---------------------------------------------------------------------
@@ -255,9 +246,13 @@ def vit_forward(state, num_heads, images, patch=16):
 def timm_vit(timm, name, seed=0, **kwargs):
     """timm's own model `name` with random weights: (state dict of tensors, forward)."""
     load_torch()
-    model = timm.create_model(name, pretrained=False, **kwargs)
-    state = vit_state_dict({key: tuple(t.shape) for key, t in model.state_dict().items()}, seed)
-    model.load_state_dict({key: torch.as_tensor(value) for key, value in state.items()})
+    return _with_random_state(timm.create_model(name, pretrained=False, **kwargs), vit_state_dict, seed)
+
+
+def _with_random_state(model, state_dict, seed):
+    """`model` (a torch module) loaded with `state_dict(shapes, seed)`, in eval mode: (state dict, forward)."""
+    state = state_dict({name: tuple(t.shape) for name, t in model.state_dict().items()}, seed)
+    model.load_state_dict({name: torch.as_tensor(value) for name, value in state.items()})
     model.eval()
 
     def forward(images):
