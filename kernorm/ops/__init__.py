@@ -51,6 +51,7 @@ whose conditions all hold runs:
 | `normalize` | kernel, outside XLA, rank 4, per-channel statistics and weights on the last axis, `epsilon` as for `batch_norm` | `kernels.frozen_batch_norm` (`_frozen_batch_norm`): TensorFlow's inference batch norm, which Grappler and TFLite fold into a convolution | none: the statistics are given |
 | | otherwise | `reference.normalize` | none |
 | `moments` | always | `reference.centred_moments` | `ALWAYS` |
+| `inference_affine`, `merge_moments` (folding and precise BN) | always | `reference.inference_affine`, `reference.merge_moments` | none: the statistics are given |
 
 `layer_norm`, `rms_norm`, `batch_norm` and `group_norm` reach both
 standardizations through `_standardize`, which takes the compiled one only
