@@ -483,7 +483,7 @@ def measured(info, args, what):
     """The line above a table: the machine, the versions, the command and how it timed `what`."""
     command = "python scripts/bench.py" + (" --quick" if args.quick else "")
     command += " --only-serving" if args.only_serving else ""
-    if args.rounds != (3 if args.quick else 5):
+    if args.rounds != (3 if args.quick else 9):
         command += f" --rounds {args.rounds}"
     device = f"{info['cores']} CPU cores ({info['cpu']})" + (f", {len(info['gpus'])} GPU" if info["gpus"] else "")
     load = info.get("load_average_end", info["load_average"])
@@ -530,7 +530,7 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer cases and calls: a CI-sized check")
     parser.add_argument("--json", metavar="PATH", help="write the rows (and the machine) as JSON to PATH")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the table in README.md")
-    parser.add_argument("--rounds", type=int, help="rounds, each function in turn (default 5; 3 with --quick)")
+    parser.add_argument("--rounds", type=int, help="rounds, each function in turn (default 9; 3 with --quick)")
     parser.add_argument(
         "--seconds", type=float, help="seconds of back-to-back calls per function and round (default 0.5; 0.2 with --quick)"
     )
@@ -549,7 +549,7 @@ def parse_args(argv=None):
     unknown = sorted(set(args.models or ()) - set(names))
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(names)}")
-    args.rounds = args.rounds or (3 if args.quick else 5)
+    args.rounds = args.rounds or (3 if args.quick else 9)
     args.seconds = args.seconds or (0.2 if args.quick else 0.5)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3: the tables report the spread over the rounds")
