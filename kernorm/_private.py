@@ -135,7 +135,7 @@ def layer_calls(layer):
 
 
 def tflite_op_counts(flatbuffer):
-    """`collections.Counter` of the builtin op names in a TFLite model (`bytes`), the most common first.
+    """`collections.Counter` of the builtin op names in a TFLite model (`bytes`).
 
     `tf.lite.Interpreter._get_ops_details()` (private) lists them; without it,
     the op names that the public `tf.lite.experimental.Analyzer` prints are
@@ -158,7 +158,7 @@ def tflite_op_counts(flatbuffer):
         with contextlib.redirect_stdout(printed):
             tf.lite.experimental.Analyzer.analyze(model_content=flatbuffer)
         names = re.findall(r"^\s*Op#\d+ (\w+)\(", printed.getvalue(), re.MULTILINE)
-    return collections.Counter(dict(collections.Counter(names).most_common()))
+    return collections.Counter(names)
 
 
 def rnn_loop():
